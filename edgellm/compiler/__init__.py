@@ -1,0 +1,1 @@
+"""Offline compiler (workstation side). Not built yet: see the README."""
