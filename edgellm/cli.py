@@ -28,6 +28,16 @@ class _Parser(argparse.ArgumentParser):
 
 # --- shared options -------------------------------------------------------------------------------
 
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        v = 0
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return v
+
+
 def _model_options(p: argparse.ArgumentParser, positional: bool = False) -> None:
     known = ", ".join(sorted(REGISTRY))
     help_ = f"a .gguf file, a Hugging Face model directory, or a known model name ({known}); default {DEFAULT_MODEL}"
@@ -35,15 +45,17 @@ def _model_options(p: argparse.ArgumentParser, positional: bool = False) -> None
         p.add_argument("model", nargs="?", default=DEFAULT_MODEL, metavar="MODEL", help=help_)
     else:
         p.add_argument("-m", "--model", default=DEFAULT_MODEL, metavar="PATH|NAME", help=help_)
-    p.add_argument("-t", "--threads", type=int, default=None, metavar="N", help="CPU threads (default: physical cores)")
-    p.add_argument("-c", "--ctx", type=int, default=None, metavar="N", help="context size in tokens")
+    p.add_argument("-t", "--threads", type=_positive_int, default=None, metavar="N",
+                   help="CPU threads (default: physical cores)")
+    p.add_argument("-c", "--ctx", type=_positive_int, default=None, metavar="N", help="context size in tokens")
     p.add_argument("--backend", default="numpy", help="inference backend (default: numpy)")
     p.add_argument("--verbose", action="store_true", help="print loading details")
 
 
 def _gen_options(p: argparse.ArgumentParser, max_tokens: int = 128) -> None:
     g = p.add_argument_group("generation")
-    g.add_argument("-n", "--max-tokens", type=int, default=max_tokens, metavar="N", help=f"tokens to generate (default {max_tokens})")
+    g.add_argument("-n", "--max-tokens", type=int, default=max_tokens, metavar="N",
+                   help=f"tokens to generate (default {max_tokens})")
     g.add_argument("--temperature", "--temp", type=float, default=0.8, help="0 = greedy (default 0.8)")
     g.add_argument("--top-k", type=int, default=40, help="default 40; 0 = off")
     g.add_argument("--top-p", type=float, default=0.95, help="default 0.95; 1 = off")
@@ -160,6 +172,10 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
 
 
+def _or_dash(v) -> str:
+    return "-" if v is None else str(v)
+
+
 def _file_size(path: Path) -> int:
     if path.is_dir():
         return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
@@ -176,7 +192,7 @@ def cmd_inspect(args) -> int:
     stored = sum(i.nbytes for i in infos)
     rows = [
         ("file", f"{path} ({_mib(_file_size(path))})"),
-        ("format", m.format + (f" v{meta['GGUF.version']}" if "GGUF.version" in meta else "")),
+        ("format", m.format),
         ("architecture", cfg.arch),
         ("name", cfg.name or "-"),
         ("layers", cfg.n_layers),
@@ -197,7 +213,7 @@ def cmd_inspect(args) -> int:
     tok = m.tokenizer
     tok_model = meta.get("tokenizer.ggml.model") or getattr(tok, "model", None) or "-"
     pre = meta.get("tokenizer.ggml.pre")
-    bos, eos = getattr(tok, "bos_id", None), getattr(tok, "eos_id", None)
+    bos, eos = (_or_dash(getattr(tok, k, None)) for k in ("bos_id", "eos_id"))
     rows.append(("tokenizer", f"{tok_model}" + (f" (pre {pre})" if pre else "") +
                  f", bos {bos}, eos {eos}, add bos {'yes' if getattr(tok, 'add_bos', False) else 'no'}"))
     template = getattr(tok, "chat_template", None) or meta.get("tokenizer.chat_template")
@@ -255,7 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
-    p = sub.add_parser("run", help="generate text from a prompt", description="Stream a completion of PROMPT to stdout.")
+    p = sub.add_parser("run", help="generate text from a prompt",
+                       description="Stream a completion of PROMPT to stdout.")
     p.add_argument("prompt", nargs="?", metavar="PROMPT", help="prompt text (default: read stdin)")
     _model_options(p)
     _gen_options(p)
@@ -264,7 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stats", action="store_true", help="print load time, memory and more timings to stderr")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("chat", help="interactive chat", description="Chat in the terminal; /reset clears the history, /exit quits.")
+    p = sub.add_parser("chat", help="interactive chat",
+                       description="Chat in the terminal; /reset clears the history, /exit quits.")
     _model_options(p)
     _gen_options(p, max_tokens=512)
     p.add_argument("--system", default=None, metavar="TEXT", help="system message")
@@ -283,10 +301,20 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(p, positional=True)
     p.set_defaults(ctx=512)
     p.add_argument("--text", "-f", required=True, metavar="FILE", help="UTF-8 text file")
-    p.add_argument("--max-chunks", type=int, default=None, metavar="N", help="score at most N chunks")
+    p.add_argument("--max-chunks", type=_positive_int, default=None, metavar="N", help="score at most N chunks")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_perplexity)
+
+    p = sub.add_parser("bench", help="edgellm and llama.cpp side by side: tokens/s and peak RSS",
+                       add_help=False, description="See `edgellm bench --help`.")
+    p.add_argument("bench_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_bench)
     return parser
+
+
+def cmd_bench(args) -> int:
+    from .bench import main as bench_main
+    return bench_main(args.bench_args)
 
 
 def _one_line(e: BaseException) -> str:

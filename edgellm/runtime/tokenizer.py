@@ -173,6 +173,18 @@ class Tokenizer:
         self.chat_template = chat_template
         self._pieces: dict[int, bytes] = {}
         self._lock = threading.Lock()  # encode_special_tokens is a setting of the shared hf object
+        self._rstrip: dict[bool, re.Pattern | None] = {True: None, False: None}
+
+    def _set_rstrip(self, ids: set[int]) -> None:
+        """Tokens that swallow the ASCII whitespace after them (C isspace, as llama.cpp's RSTRIP attribute).
+
+        Done on the text because `tokenizers`' own rstrip also eats Unicode spaces (U+2028, U+3000...).
+        """
+        for special in (True, False):
+            texts = sorted({self.tokens[i] for i in ids
+                            if special or self.token_types[i] == TokenType.USER_DEFINED}, key=len, reverse=True)
+            self._rstrip[special] = (re.compile("(" + "|".join(map(re.escape, texts)) + ")[ \t\n\v\f\r]+")
+                                     if texts else None)
 
     # ---- construction -------------------------------------------------------------------------
 
@@ -196,8 +208,9 @@ class Tokenizer:
         if model == "gpt2":
             pre = metadata.get("tokenizer.ggml.pre") or ""
             if pre not in _PRE_ALIASES:
-                warnings.warn(f"unknown or missing pre-tokenizer type {pre!r} (tokenizer.ggml.pre), using 'default'; "
-                              f"token ids may differ from the model's training. Known: {', '.join(sorted(_PRE_ALIASES))}",
+                known = ", ".join(sorted(_PRE_ALIASES))
+                warnings.warn(f"unknown or missing pre-tokenizer type {pre!r} (tokenizer.ggml.pre), using 'default' "
+                              f"as llama.cpp did; token ids may differ from the model's training. Known: {known}",
                               stacklevel=2)
                 pre = "default"
             kind, flags = _PRE_ALIASES[pre]
@@ -220,14 +233,16 @@ class Tokenizer:
         ids = {k: _token_id(metadata, f"tokenizer.ggml.{k}_token_id", None, n)
                for k in ("eot", "eom", "fim_pre", "fim_suf", "fim_mid", "fim_pad", "fim_rep", "fim_sep")}
         eog = _eog_ids(tokens, types, eos, ids)
-        _add_special_tokens(hf, tokens, types, _rstrip_tokens(metadata, tokens, types))
+        _add_special_tokens(hf, tokens, types)
         if add_bos and bos is not None:
             hf.post_processor = processors.TemplateProcessing(single=f"{tokens[bos]} $A",
                                                               pair=f"{tokens[bos]} $A {tokens[bos]} $B",
                                                               special_tokens=[(tokens[bos], bos)])
-        return cls(hf, tokens, types, model=model, byte_level=(model == "gpt2"), bos_id=bos, eos_id=eos, eog_ids=eog,
-                   add_bos=add_bos and bos is not None, add_eos=add_eos and eos is not None,
-                   add_space_prefix=add_space_prefix, chat_template=metadata.get("tokenizer.chat_template"))
+        tok = cls(hf, tokens, types, model=model, byte_level=(model == "gpt2"), bos_id=bos, eos_id=eos, eog_ids=eog,
+                  add_bos=add_bos and bos is not None, add_eos=add_eos and eos is not None,
+                  add_space_prefix=add_space_prefix, chat_template=metadata.get("tokenizer.chat_template"))
+        tok._set_rstrip(_rstrip_tokens(metadata, tokens, types))
+        return tok
 
     @classmethod
     def from_hf_dir(cls, path) -> "Tokenizer":
@@ -294,6 +309,9 @@ class Tokenizer:
         """
         if not isinstance(text, str):
             raise TypeError(f"encode() needs a str, got {type(text).__name__}")
+        strip = self._rstrip[bool(special)]
+        if strip is not None:
+            text = strip.sub(r"\1", text)
         with self._lock:
             self.hf.encode_special_tokens = not special
             ids = self.hf.encode(text, add_special_tokens=False).ids if text else []
@@ -397,14 +415,14 @@ def _build_spm(tokens: list[str], scores: list[float], types: list[int], add_spa
     return hf
 
 
-def _add_special_tokens(hf: HFTokenizer, tokens: list[str], types: list[int], rstrip: set[int]) -> None:
+def _add_special_tokens(hf: HFTokenizer, tokens: list[str], types: list[int]) -> None:
     """Control/unknown -> special (parse_special only), user-defined -> always split out, as llama.cpp."""
     special, user = [], []
     for i, k in enumerate(types):
         if k in (TokenType.CONTROL, TokenType.UNKNOWN):
-            special.append(AddedToken(tokens[i], special=True, normalized=False, rstrip=i in rstrip))
+            special.append(AddedToken(tokens[i], special=True, normalized=False))
         elif k == TokenType.USER_DEFINED:
-            user.append(AddedToken(tokens[i], special=False, normalized=False, rstrip=i in rstrip))
+            user.append(AddedToken(tokens[i], special=False, normalized=False))
     if special:
         hf.add_special_tokens(special)
     if user:
