@@ -11,19 +11,7 @@ from pathlib import Path
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFWriter, quants
 
-
-def _bytes_to_unicode() -> list[str]:
-    """GPT-2's reversible byte -> printable character map."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    table = dict(zip(bs, cs))
-    return [chr(table[b]) for b in range(256)]
+from edgellm.runtime.tokenizer import _bytes_to_unicode
 
 
 MERGES = ["Ġ t", "h e", "i n", "Ġt he", "e r", "o n", "Ġ a", "r e", "a t", "o r"]
@@ -31,7 +19,8 @@ SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
 def tiny_vocab() -> tuple[list[str], list[int], list[str]]:
-    tokens = list(SPECIALS) + _bytes_to_unicode()
+    table = _bytes_to_unicode()
+    tokens = list(SPECIALS) + [table[b] for b in range(256)]
     for m in MERGES:
         tokens.append(m.replace(" ", ""))
     types = [3] * len(SPECIALS) + [1] * (len(tokens) - len(SPECIALS))

@@ -47,8 +47,7 @@ class NumpyBackend(Backend):
         self.model = Transformer(cfg, ResidentStore(weights), act_quant)
 
     def prepare(self) -> None:
-        for name in self.model.w.names():
-            self.model.w.get(name)
+        self.model.prepare()
 
     def new_cache(self, n_ctx: int) -> KVCache:
         return KVCache(self.cfg, n_ctx)

@@ -78,13 +78,22 @@ class Transformer:
         self.act_quant = act_quant      # "ggml": round activations as llama.cpp does; "none": plain float
         self._mins: dict[str, np.ndarray | None] = {}
 
+    def prepare(self) -> None:
+        """Fetch every weight (and its block minimums) once, so load-time work stays out of the first token."""
+        for name in self.w.names():
+            w = self.w.get(name)
+            if self.act_quant == "ggml" and w.ndim == 2:
+                self._block_mins(name, w.shape[0])
+
+    def _block_mins(self, name: str, rows: int) -> np.ndarray | None:
+        if name not in self._mins:
+            self._mins[name] = block_mins(self.w.raw(name), self.w.qtype(name), rows)
+        return self._mins[name]
+
     def linear(self, x: np.ndarray, name: str) -> np.ndarray:
         w = self.w.get(name)
         if self.act_quant == "ggml":
-            qt = self.w.qtype(name)
-            if name not in self._mins:
-                self._mins[name] = block_mins(self.w.raw(name), qt, w.shape[0])
-            y = quantized_matmul(x, w, qt, mins=self._mins[name])
+            y = quantized_matmul(x, w, self.w.qtype(name), mins=self._block_mins(name, w.shape[0]))
         else:
             y = x @ w.T
         bias = name.replace(".weight", ".bias")

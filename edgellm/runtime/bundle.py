@@ -1,0 +1,349 @@
+"""Load a compiled bundle: the directory `edgellm compile` writes for one target (schema version 1).
+
+Why a bundle and not the GGUF: its weight file is laid out for streaming from flash (issue 6), it
+carries the target's compiled kernels and ONNX graphs, and it is checked (sha256, schema, target)
+before anything runs. Loading needs nothing from the compiler package.
+
+Layout of BUNDLE_DIR (schema_version 1)::
+
+    manifest.json          everything below is described here
+    weights.bin            the weights, bytes as in the source model (quantized blocks kept)
+    tokenizer.json         the `tokenizers` tokenizer, as Tokenizer.hf serializes it
+    tokenizer_config.json  bos/eos/add_bos/chat_template (HF names) + an "edgellm" section with the
+                           llama.cpp token types, eog ids and flags the runtime Tokenizer needs
+    kernels/, onnx/        added by the TVM and ONNX stages (listed in `files` like every other file)
+
+manifest.json::
+
+    schema_version 1, edgellm_version, created (UTC ISO 8601),
+    model            ModelConfig.to_dict()
+    target           devices.targets.Target.to_dict() (name, triple, arch, cpu, mattr, tvm_target, ...)
+    quant            {scheme: "gguf-native", tensor_types: {QTYPE: count}}
+    tokenizer        {file: "tokenizer.json", config: "tokenizer_config.json"}
+    chat_template    str | null
+    source           {format, file name, metadata: the source's small metadata values}
+    files            [{path, bytes, sha256}] for every file except manifest.json
+    weights          see below
+
+weights.bin is a sequence of regions, each starting at a multiple of `alignment` (4096, the page
+size) so one region is one aligned read or mmap: "embed" (token_embd), then one region per layer
+in layer order, then "output" (output_norm, output and anything else). Inside a region tensors
+start at multiples of 64 bytes. `weights.tensors[name]` = {offset (absolute), nbytes, qtype,
+shape (numpy order), region}; FFN tensors instead say `bundled: gate|up|down`.
+
+FFN "bundled per neuron" (LLM in a flash): layer i's FFN is `ffn_dim` fixed-size records,
+`layers[i].ffn.records` = {offset, count, stride}; record j holds, contiguous,
+    gate row j  (its raw bytes: whole quantized blocks, since blocks run along the row)
+    up row j    (same)
+    down column j: its quant bits only.
+A down column cannot be cut out of quantized blocks (a block spans 32..256 neurons of one output
+row and shares its scales). So each block's bits are split: the bits that belong to one element
+(its 4/5/6/8-bit quant, or all 16/32 bits of a float) go into that neuron's record, `dim` elements
+x `bits` bits packed little-endian; the bits shared by the block (scales, minimums) go once per
+layer into `layers[i].ffn.down_shared` {offset, nbytes} (~1 bit per weight for Q4_1, resident in a
+streaming runtime). Which bit of a block belongs to which element is `weights.down_bits[QTYPE]` =
+{block_size, type_size, element_bits [block_size x bits], shared_bits}; the compiler derives it
+from the gguf library's dequantizer. The split is a permutation of bits, so the runtime rebuilds
+the source's ffn_down bytes exactly: raw() of every tensor is byte-identical to the source and
+get() equals the source dequantized. Nothing is re-quantized and the bundle is no larger.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+from gguf import GGMLQuantizationType
+from gguf.quants import quant_shape_to_byte_shape
+
+from ..devices.targets import host_matches, host_target
+from ..errors import EdgeLLMError, ModelFormatError
+from .config import ModelConfig
+from .loader import LoadedModel, check_weights, validate_config
+from .weights import TensorInfo, WeightStore, dequantize
+
+SCHEMA_VERSION = 1
+SUPPORTED_SCHEMA_VERSIONS = (1,)
+MANIFEST = "manifest.json"
+RECOPY = "re-copy the bundle from the machine that compiled it (or compile it again)"
+
+# tensor types stored as typed arrays (as gguf_file exposes them); all others are uint8 block rows
+TYPED = {GGMLQuantizationType.F32: "<f4", GGMLQuantizationType.F16: "<f2", GGMLQuantizationType.F64: "<f8",
+         GGMLQuantizationType.I8: "<i1", GGMLQuantizationType.I16: "<i2", GGMLQuantizationType.I32: "<i4",
+         GGMLQuantizationType.I64: "<i8"}
+
+
+def is_bundle(path: str | os.PathLike) -> bool:
+    p = Path(path)
+    return p.is_dir() and (p / MANIFEST).is_file()
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+    return h.hexdigest()
+
+
+def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    """manifest.json of a bundle, with its schema version checked."""
+    path = Path(path)
+    mf = path / MANIFEST
+    if not mf.is_file():
+        raise ModelFormatError(f"{path} has no {MANIFEST}, so it is not an edgellm bundle",
+                               "pass a directory written by `edgellm compile`, a .gguf file or a Hugging Face directory")
+    try:
+        manifest = json.loads(mf.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ModelFormatError(f"{mf} is not valid JSON ({e})", RECOPY) from None
+    if not isinstance(manifest, dict):
+        raise ModelFormatError(f"{mf} is not a JSON object", RECOPY)
+    version = manifest.get("schema_version")
+    if version not in SUPPORTED_SCHEMA_VERSIONS:
+        raise ModelFormatError(
+            f"bundle {path} has schema version {version!r}; this edgellm reads schema version(s) "
+            f"{', '.join(map(str, SUPPORTED_SCHEMA_VERSIONS))}",
+            "compile the bundle again with this edgellm version, or install the edgellm version that wrote it "
+            f"({manifest.get('edgellm_version', 'unknown')})")
+    return manifest
+
+
+def verify_files(path: Path, manifest: dict) -> None:
+    """Size and sha256 of every file the manifest lists; the error names the first file that fails."""
+    files = manifest.get("files")
+    if not isinstance(files, list) or not files:
+        raise ModelFormatError(f"{path / MANIFEST} lists no files", RECOPY)
+    for entry in files:
+        f = path / entry["path"]
+        if not f.is_file():
+            raise ModelFormatError(f"bundle file {entry['path']} is missing from {path}", RECOPY)
+        size = f.stat().st_size
+        if size != entry["bytes"]:
+            raise ModelFormatError(f"bundle file {entry['path']} has {size} bytes, the manifest says {entry['bytes']} "
+                                   "(checksum check failed)", RECOPY)
+        if sha256_file(f) != entry["sha256"]:
+            raise ModelFormatError(f"bundle file {entry['path']} fails its sha256 checksum (the file is damaged)",
+                                   RECOPY)
+
+
+def check_target(path: Path, manifest: dict) -> None:
+    target = manifest.get("target") or {}
+    ok, reason = host_matches(target)
+    if not ok:
+        try:
+            host = host_target().name
+        except EdgeLLMError:
+            host = "this host"
+        raise EdgeLLMError(
+            f"bundle {path} was compiled for target {target.get('name', '?')}, which does not match this host "
+            f"({host}): {reason}",
+            f"compile the model for this host (edgellm compile MODEL --target {host}) or pass "
+            "allow_target_mismatch=True to load it anyway (its weights work with the numpy backend; its kernels do not)")
+
+
+# ---- FFN bit split (shared with the writer through the manifest, not through code) -------------
+
+
+def unbundle_down(records: np.ndarray, shared: np.ndarray, rows: int, bits: dict) -> np.ndarray:
+    """Rebuild ffn_down's block bytes [rows, n_blocks * type_size] from its per-neuron and shared bits.
+
+    records: uint8 [n_neurons, column bytes] (the down part of every record); shared: uint8 packed bits.
+    """
+    block, tsize = bits["block_size"], bits["type_size"]
+    elem = np.asarray(bits["element_bits"], dtype=np.intp)          # [block, b]
+    shared_idx = np.asarray(bits["shared_bits"], dtype=np.intp)
+    n, b = records.shape[0], elem.shape[1]
+    nblocks = n // block
+    q = np.unpackbits(records, axis=1, bitorder="little")[:, :rows * b]      # [n, rows*b]
+    q = q.reshape(n, rows, b).transpose(1, 0, 2).reshape(rows, nblocks, block, b)
+    out = np.zeros((rows, nblocks, tsize * 8), dtype=np.uint8)
+    out[:, :, elem] = q
+    if len(shared_idx):
+        s = np.unpackbits(shared, bitorder="little")[:rows * nblocks * len(shared_idx)]
+        out[:, :, shared_idx] = s.reshape(rows, nblocks, len(shared_idx))
+    return np.packbits(out, axis=2, bitorder="little").reshape(rows, nblocks * tsize)
+
+
+class BundleStore(WeightStore):
+    """A bundle's weights.bin, memory-mapped; returns the source model's tensors unchanged.
+
+    Non-FFN tensors are zero-copy views; FFN tensors are gathered from the neuron records on each
+    raw()/get() (a streaming store reads single records instead, see `neuron_span`).
+    """
+
+    def __init__(self, path: Path, manifest: dict):
+        w = manifest["weights"]
+        self.path = Path(path)
+        self.manifest = manifest
+        self.alignment = int(w["alignment"])
+        self.layers = {int(k): v for k, v in w["layers"].items()}
+        self.regions = w.get("regions", {})
+        self.down_bits = w.get("down_bits", {})
+        self._t = w["tensors"]
+        self._infos = {n: TensorInfo(n, GGMLQuantizationType[t["qtype"]], tuple(t["shape"]), int(t["nbytes"]))
+                       for n, t in self._t.items()}
+        f = self.path / w["file"]
+        self.file = f
+        self._mm = np.memmap(f, dtype=np.uint8, mode="r") if f.stat().st_size else np.zeros(0, np.uint8)
+        end = max([int(t["offset"]) + int(t["nbytes"]) for t in self._t.values() if "offset" in t] +
+                  [int(r["offset"]) + int(r["nbytes"]) for r in self.layers.values()] + [0])
+        if end > len(self._mm):
+            raise ModelFormatError(f"{f} has {len(self._mm)} bytes but the manifest places data up to byte {end}",
+                                   RECOPY)
+
+    # ---- WeightStore ----
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self._infos[name]
+        except KeyError:
+            raise ModelFormatError(f"the bundle has no tensor named {name!r}",
+                                   "the bundle is incomplete or was compiled for another architecture") from None
+
+    def names(self) -> Iterator[str]:
+        return iter(self._infos)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._infos
+
+    def raw(self, name: str) -> np.ndarray:
+        i = self.info(name)
+        t = self._t[name]
+        part = t.get("bundled")
+        if part is None:
+            data = self._mm[int(t["offset"]):int(t["offset"]) + i.nbytes]
+        elif part == "down":
+            data = self._down_bytes(int(t["layer"]), i)
+        else:
+            data = self._rows(int(t["layer"]), part)
+        return self._typed(np.ascontiguousarray(data) if part else data, i)
+
+    def get(self, name: str) -> np.ndarray:
+        i = self.info(name)
+        if i.qtype == GGMLQuantizationType.BF16:  # same widening as the safetensors store
+            bits = self.raw(name).view("<u2").astype(np.uint32) << 16
+            return bits.view(np.float32).reshape(i.shape)
+        return dequantize(self.raw(name), i.qtype, i.shape)
+
+    # ---- streaming access ----
+
+    def ffn_layout(self, layer: int) -> dict:
+        return self.layers[layer]["ffn"]
+
+    def neuron_span(self, layer: int, neuron: int) -> tuple[int, int]:
+        """(offset, nbytes) in weights.bin of neuron `neuron`'s record: gate row, up row, down column."""
+        r = self.ffn_layout(layer)["records"]
+        if not 0 <= neuron < r["count"]:
+            raise IndexError(f"layer {layer} has {r['count']} FFN neurons, not {neuron + 1}")
+        return int(r["offset"]) + neuron * int(r["stride"]), int(r["stride"])
+
+    def records(self, layer: int) -> np.ndarray:
+        """uint8 [ffn_dim, stride]: every neuron record of `layer` (a view of the mapped file)."""
+        r = self.ffn_layout(layer)["records"]
+        off, n, stride = int(r["offset"]), int(r["count"]), int(r["stride"])
+        return self._mm[off:off + n * stride].reshape(n, stride)
+
+    def down_columns(self, layer: int, neurons) -> np.ndarray:
+        """float32 [dim, len(neurons)]: ffn_down's columns, read from those neurons' records only
+        (plus the layer's resident shared bits): what a streaming store computes with."""
+        name = f"blk.{layer}.ffn_down.weight"
+        i = self.info(name)
+        ffn = self.ffn_layout(layer)
+        bits = self.down_bits[i.qtype.name]
+        block, tsize = bits["block_size"], bits["type_size"]
+        rows = i.shape[0]
+        neurons = np.asarray(neurons, dtype=np.intp)
+        d = ffn["down"]
+        cols = self.records(layer)[neurons, d["at"]:d["at"] + d["nbytes"]]
+        elem = np.asarray(bits["element_bits"], dtype=np.intp)
+        q = np.unpackbits(cols, axis=1, bitorder="little")[:, :rows * elem.shape[1]].reshape(len(neurons), rows, -1)
+        shared_idx = np.asarray(bits["shared_bits"], dtype=np.intp)
+        nblocks = i.shape[1] // block
+        s = ffn["down_shared"]
+        shared = np.unpackbits(self._mm[s["offset"]:s["offset"] + s["nbytes"]], bitorder="little")
+        shared = shared[:rows * nblocks * len(shared_idx)].reshape(rows, nblocks, len(shared_idx))
+        # one synthetic block per (neuron, row): the block's shared bits + only this element's quant bits
+        blocks = np.zeros((len(neurons), rows, tsize * 8), dtype=np.uint8)
+        e = neurons % block
+        blocks[:, :, shared_idx] = shared[:, neurons // block].transpose(1, 0, 2)
+        idx = elem[e]                                                     # [k, b]
+        np.put_along_axis(blocks, np.broadcast_to(idx[:, None, :], q.shape), q, axis=2)
+        packed = np.packbits(blocks, axis=2, bitorder="little").reshape(len(neurons) * rows, tsize)
+        vals = dequantize(self._typed(packed.reshape(-1), TensorInfo(name, i.qtype, (len(neurons) * rows, block),
+                                                                     packed.size)),
+                          i.qtype, (len(neurons), rows, block))
+        return np.ascontiguousarray(vals[np.arange(len(neurons)), :, e].T)
+
+    # ---- helpers ----
+
+    def _rows(self, layer: int, part: str) -> np.ndarray:
+        p = self.ffn_layout(layer)[part]
+        return self.records(layer)[:, p["at"]:p["at"] + p["nbytes"]]
+
+    def _down_bytes(self, layer: int, i: TensorInfo) -> np.ndarray:
+        ffn = self.ffn_layout(layer)
+        s = ffn["down_shared"]
+        return unbundle_down(self._rows(layer, "down"), self._mm[s["offset"]:s["offset"] + s["nbytes"]],
+                             i.shape[0], self.down_bits[i.qtype.name])
+
+    @staticmethod
+    def _typed(data: np.ndarray, i: TensorInfo) -> np.ndarray:
+        if i.qtype in TYPED:
+            return data.reshape(-1).view(TYPED[i.qtype]).reshape(i.shape)
+        return data.reshape(quant_shape_to_byte_shape(i.shape, i.qtype))
+
+
+def _bundle_tokenizer(path: Path, manifest: dict):
+    """The runtime Tokenizer from tokenizer.json + the edgellm section of tokenizer_config.json."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from .tokenizer import Tokenizer
+    spec = manifest.get("tokenizer") or {}
+    tj, tc = path / spec.get("file", "tokenizer.json"), path / spec.get("config", "tokenizer_config.json")
+    try:
+        hf = HFTokenizer.from_file(str(tj))
+        config = json.loads(tc.read_text(encoding="utf-8"))
+        e = config["edgellm"]
+    except Exception as err:  # noqa: BLE001 - tokenizers raises plain Exception
+        raise ModelFormatError(f"the bundle's tokenizer ({tj.name}, {tc.name}) cannot be read ({err})", RECOPY) from None
+    tokens = e.get("tokens")
+    if tokens is None:
+        vocab = hf.get_vocab(with_added_tokens=True)
+        tokens = [""] * e["vocab_size"]
+        for text, i in vocab.items():
+            tokens[i] = text
+    types = [1] * len(tokens)
+    for i, k in e.get("token_types", {}).items():
+        types[int(i)] = int(k)
+    tok = Tokenizer(hf, tokens, types, model=e["model"], byte_level=e["byte_level"], bos_id=e["bos_id"],
+                    eos_id=e["eos_id"], eog_ids=set(e["eog_ids"]), add_bos=e["add_bos"], add_eos=e["add_eos"],
+                    add_space_prefix=e["add_space_prefix"], chat_template=config.get("chat_template"))
+    rstrip = e.get("rstrip") or {}
+    if rstrip:  # llama.cpp's RSTRIP tokens (Phi-3): restore the patterns the source tokenizer built
+        import re
+        tok._rstrip = {k == "special": (re.compile(v) if v else None) for k, v in rstrip.items()}
+    return tok
+
+
+def load_bundle(path: str | os.PathLike, *, verify: bool = True, allow_target_mismatch: bool = False) -> LoadedModel:
+    """Open a bundle directory: manifest checks, sha256 of every file, then mapped weights + tokenizer."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    if not allow_target_mismatch:
+        check_target(path, manifest)
+    if verify:
+        verify_files(path, manifest)
+    try:
+        cfg = ModelConfig.from_dict(manifest["model"])
+        validate_config(cfg)
+        store = BundleStore(path, manifest)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ModelFormatError(f"{path / MANIFEST} is incomplete or malformed ({type(e).__name__}: {e})", RECOPY) from None
+    check_weights(cfg, store)
+    tok = _bundle_tokenizer(path, manifest)
+    meta = dict((manifest.get("source") or {}).get("metadata") or {})
+    return LoadedModel(cfg, store, tok, path, "bundle", meta)
