@@ -2,5 +2,13 @@
 from .errors import EdgeLLMError
 from .runtime.llm import LLM, GenerationResult
 
-__all__ = ["LLM", "GenerationResult", "EdgeLLMError"]
+
+
+def compile(model, target: str = "x86-64", out=None, **kw):
+    """Compile `model` into a bundle for `target` (needs the compiler extras: pip install 'edgellm[compiler]')."""
+    from .compiler import compile as _compile
+    return _compile(model, target, out, **kw)
+
+
+__all__ = ["LLM", "GenerationResult", "EdgeLLMError", "compile"]
 __version__ = "0.1.0"

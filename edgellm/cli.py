@@ -305,11 +305,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_perplexity)
 
+    p = sub.add_parser("compile", help="compile a model into a deployable bundle for a target",
+                       description="Import a model, export ONNX with graph passes, build TVM kernels for the "
+                                   "target and write a bundle directory (see `edgellm targets`).")
+    p.add_argument("model", metavar="MODEL", help="a .gguf file, a Hugging Face directory or a known model name")
+    p.add_argument("--target", default="x86-64", help="target name (default x86-64, the host); see `edgellm targets`")
+    p.add_argument("-o", "--output", default=None, metavar="BUNDLE_DIR", help="bundle directory to write")
+    p.add_argument("--backends", default="onnxruntime,tvm",
+                   help="compiled backends to include, comma-separated (default onnxruntime,tvm)")
+    p.add_argument("--quant", default="gguf-native", help="quantization scheme (default: keep GGUF types)")
+    p.add_argument("--report", action="store_true", help="print per-pass node counts and fused patterns")
+    p.add_argument("--with-wheels", action="store_true",
+                   help="download the device's Python wheels into the bundle for an offline install")
+    p.add_argument("--device-python", default="3.11", help="Python version on the device (with --with-wheels)")
+    p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("targets", help="list compilation targets and their settings",
+                       description="Targets `edgellm compile --target` accepts: CPU, features, cross compiler.")
+    p.set_defaults(func=cmd_targets)
+
     p = sub.add_parser("bench", help="edgellm and llama.cpp side by side: tokens/s and peak RSS",
                        add_help=False, description="See `edgellm bench --help`.")
     p.add_argument("bench_args", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_bench)
     return parser
+
+
+def cmd_compile(args) -> int:
+    try:
+        from .compiler.pipeline import compile_model
+    except ImportError as e:
+        raise EdgeLLMError(f"the compiler needs its extra dependencies ({e.name} is missing)",
+                           "pip install 'edgellm[compiler]'") from None
+    backends = tuple(b for b in args.backends.split(",") if b)
+    res = compile_model(args.model, args.target, args.output, backends=backends, quant=args.quant,
+                        report=args.report, with_wheels=args.with_wheels, device_python=args.device_python,
+                        log=lambda m: print(m, file=sys.stderr))
+    for line in res.report:
+        print(line)
+    print(res.bundle)
+    return 0
+
+
+def cmd_targets(args) -> int:
+    from .devices.targets import targets_table
+    print(targets_table())
+    return 0
 
 
 def cmd_bench(args) -> int:

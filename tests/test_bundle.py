@@ -6,7 +6,6 @@ give the same tensor bytes, the same dequantized weights, the same logits and th
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -344,3 +343,38 @@ def test_k_quant_ffn_bundles_exactly(qtype, tmp_path):
     np.testing.assert_array_equal(b.weights.down_columns(0, js), down[:, js])
     bits = json.loads((tmp_path / "b" / "manifest.json").read_text())["weights"]["down_bits"][qtype]
     assert len(bits["element_bits"]) == 256 and len(bits["element_bits"][0]) == int(qtype[1])
+
+
+@pytest.mark.parametrize("dtype", ["F32", "BF16"])
+def test_hugging_face_source_bundles_exactly(dtype, tmp_path):
+    from test_hf_loader import _bf16_bits, hf_config, hf_weights, write_hf_dir, write_safetensors_by_hand
+    tok = load_model(write_tiny_gguf(tmp_path / "t.gguf")).tokenizer
+    w = hf_weights(3, bias=True)
+    d = write_hf_dir(tmp_path / "hf", w if dtype == "F32" else None, hf_config("qwen2"),
+                     tokenizer__json=tok.hf.to_str(),
+                     tokenizer_config__json=json.dumps({"chat_template": "{{ messages[0]['content'] }}"}))
+    if dtype == "BF16":
+        write_safetensors_by_hand(d / "model.safetensors",
+                                  {k: ("BF16", v.shape, _bf16_bits(v).tobytes()) for k, v in w.items()})
+    src = load_model(d)
+    b = load_bundle(write_bundle(src, tmp_path / "b", HOST))
+    assert b.config == src.config and b.config.attn_bias
+    assert_same_tensors(src, b)
+    for n in src.weights.names():
+        np.testing.assert_array_equal(src.weights.get(n), b.weights.get(n), err_msg=n)
+    toks = [1, 2, 3, 200, 100]
+    np.testing.assert_array_equal(logits(b, toks), logits(src, toks))
+    assert b.tokenizer.chat_template == src.tokenizer.chat_template
+    for t in TEXTS:
+        assert b.tokenizer.encode(t) == src.tokenizer.encode(t)
+
+
+def test_manifest_file_entries_cannot_escape_the_bundle(tiny, tmp_path):
+    _, out = tiny
+    copy = tmp_path / "b"
+    shutil.copytree(out, copy)
+    m = json.loads((copy / "manifest.json").read_text())
+    m["files"].append({"path": "../outside", "bytes": 0, "sha256": "0" * 64})
+    (copy / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ModelFormatError, match="malformed files entry"):
+        load_bundle(copy)

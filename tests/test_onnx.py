@@ -108,6 +108,20 @@ def test_onnxruntime_matches_numpy_reference_prefill_and_decode(tiny):
         assert rel_err(g, r) < REL_TOL
 
 
+@pytest.mark.parametrize("change", [{"rope_dim": 8}, {"rope_dim": 8, "rope_neox": True}, {"rope_base": 500.0}])
+def test_rope_variants_match_numpy_reference(change, tmp_path):
+    """Partial rotary dims and both layouts (the config is changed for both engines alike)."""
+    need_onnx()
+    from dataclasses import replace
+    from edgellm.compiler.onnx_export import export_onnx
+    m = load_model(write_tiny_gguf(tmp_path / "t.gguf", TinySpec(seed=3)))
+    cfg = replace(m.config, **change)
+    ref = prefill_then_decode(NumpyBackend(cfg, m.weights, threads=1, act_quant="none"), steps=2)
+    got = prefill_then_decode(ort_backend(export_onnx(cfg, m.weights, tmp_path)), steps=2, greedy_from=ref)
+    for g, r in zip(got, ref):
+        assert rel_err(g, r) < REL_TOL
+
+
 def test_prefill_graph_returns_last_position_only(tiny, tmp_path):
     from edgellm.compiler.onnx_export import export_onnx
     path = export_onnx(tiny.cfg, tiny.weights, tmp_path, kind="prefill")
@@ -137,6 +151,7 @@ def test_cache_truncate_reuses_a_prefix(tiny):
     assert kv.length == 3
     rest = be.forward(np.asarray(PROMPT[3:]), 3, kv, all_logits=True)
     assert rel_err(rest, fresh[3:]) < PASS_TOL
+    assert ort_backend(tiny.path.parent).path == tiny.path          # a directory resolves to its decode.onnx
     with pytest.raises(EdgeLLMError, match="context full"):
         be.forward(np.asarray(PROMPT), 30, kv)
 
@@ -191,7 +206,9 @@ def test_run_passes_keeps_logits_and_reduces_nodes(tiny, tmp_path):
     assert sum(v for k, v in reports[1].fused.items() if k.startswith("qkv")) == n
     assert reports[2].fused["gate_up"] == n
     assert ops(after)["MatMul"] == 6 * n         # per layer: qkv, out, gate_up, down + 2 attention matmuls
-    assert "nothing" not in str(reports[0])
+    from edgellm.compiler.passes import format_report
+    table = format_report(reports)
+    assert "merge_qkv" in table and f"-> {reports[-1].nodes_after}" in table.splitlines()[-1]
 
 
 def test_fold_constants_on_the_exported_graph(tiny, tmp_path):
@@ -224,6 +241,31 @@ def test_merge_gate_up_alone(tiny, tmp_path):
     n = tiny.cfg.n_layers
     assert ops(after)["MatMul"] == 9 * n - n and ops(after)["Split"] == n
     assert reports[1].fused == Counter({"gate_up": n})
+
+
+def test_fuse_rms_norm_alone(tiny, tmp_path):
+    from edgellm.compiler.passes import fold_constants, fuse_rms_norm
+    after, reports, a, b = _apply_and_compare(tiny, tmp_path, [fold_constants, fuse_rms_norm])
+    assert rel_err(b, a) < PASS_TOL
+    n_norms = 2 * tiny.cfg.n_layers + 1
+    assert reports[1].fused == Counter({"rms_norm": n_norms})
+    assert reports[1].nodes_before - reports[1].nodes_after == 5 * n_norms
+    assert ops(after)["RMSNormalization"] == n_norms and ops(after)["ReduceMean"] == 0
+    assert next(o.version for o in after.opset_import if o.domain == "") == 23
+
+
+def test_fuse_rms_norm_leaves_a_model_it_cannot_upgrade():
+    need_onnx()
+    from onnx import helper
+    from edgellm.compiler.passes import PassReport, fuse_rms_norm
+    model = _small_graph([helper.make_node("ReduceMean", ["y0"], ["m"], axes=[-1], keepdims=1),
+                          helper.make_node("Sub", ["y0", "m"], ["y"])])
+    model.graph.node[0].output[0] = "y0"
+    r = PassReport("rms")
+    out = fuse_rms_norm(model, r)
+    assert [n.op_type for n in out.graph.node] == ["MatMul", "ReduceMean", "Sub"]
+    assert out.opset_import[0].version == 17
+    assert list(r.fused) == ["skipped: ops ReduceMean need conversion to opset 23"]
 
 
 def _small_graph(extra_nodes=(), extra_inits=()):
@@ -317,9 +359,9 @@ def test_smollm2_onnxruntime_matches_numpy_reference(smol):
 @pytest.mark.slow
 def test_smollm2_passes_keep_logits(smol, tmp_path):
     from edgellm.compiler.onnx_export import save_onnx
-    from edgellm.compiler.passes import run_passes
+    from edgellm.compiler.passes import FUSION_PASSES, run_passes
     cfg, _, path = smol
-    model, reports = run_passes(_load(path))
+    model, reports = run_passes(_load(path), FUSION_PASSES)
     opt = save_onnx(model, tmp_path / "opt.onnx")
     ids = [1, 504, 3458, 253, 655, 28, 905, 2]
     a = ort_backend(path, threads=2)
@@ -328,3 +370,4 @@ def test_smollm2_passes_keep_logits(smol, tmp_path):
                    a.forward(np.asarray(ids), 0, a.new_cache(16), all_logits=True)) < PASS_TOL
     assert reports[-1].nodes_after < reports[0].nodes_before
     assert reports[1].fused["qkv"] == reports[2].fused["gate_up"] == cfg.n_layers
+    assert reports[3].fused["rms_norm"] == 2 * cfg.n_layers + 1

@@ -216,7 +216,95 @@ def merge_gate_up(model: onnx.ModelProto, report: PassReport | None = None) -> o
     return _merge_sibling_matmuls(model, 2, "gate_up", _is_swiglu, report)
 
 
+# ops whose float32/int64 semantics are the same from opset 17 to 23 (later versions only added types)
+_SAME_17_TO_23 = {"Add", "Cast", "Concat", "Constant", "Div", "Gather", "Gemm", "Greater", "Identity", "MatMul", "Mul",
+                  "Neg", "RMSNormalization", "Range", "Reshape", "Shape", "Sigmoid", "Slice", "Softmax", "Split", "Sqrt",
+                  "Squeeze", "Sub", "Transpose", "Unsqueeze", "Where"}
+RMS_NORM_OPSET = 23
+
+
+def _const_scalar(g: onnx.GraphProto, name: str) -> float | None:
+    for t in g.initializer:
+        if t.name == name:
+            a = numpy_helper.to_array(t)
+            return float(a.reshape(-1)[0]) if a.size == 1 else None
+    for n in g.node:
+        if n.op_type == "Constant" and n.output[0] == name and n.attribute[0].name == "value":
+            a = numpy_helper.to_array(n.attribute[0].t)
+            return float(a.reshape(-1)[0]) if a.size == 1 else None
+    return None
+
+
+def fuse_rms_norm(model: onnx.ModelProto, report: PassReport | None = None) -> onnx.ModelProto:
+    """x / sqrt(mean(x*x) + eps) * w (six nodes) -> one RMSNormalization (standard ONNX since opset 23).
+
+    The model's opset is raised to 23, which is only valid when every remaining op means the same there as
+    at the model's opset; otherwise the model is returned unchanged (report says why). onnxruntime runs
+    RMSNormalization on CPU and TVM's Relax ONNX importer maps it to rms_norm.
+    """
+    g = model.graph
+    opset = next((o for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    producer = {o: n for n in g.node for o in n.output}
+    cons = _consumers(g)
+    inits = {t.name for t in g.initializer}
+    fused, drop, insert = 0, set(), {}
+    for div in g.node:
+        if div.op_type != "Div" or div.input[1] not in producer:
+            continue
+        x = div.input[0]
+        sqrt = producer[div.input[1]]
+        add = producer.get(sqrt.input[0]) if sqrt.op_type == "Sqrt" else None
+        if add is None or add.op_type != "Add" or len(cons[div.output[0]]) != 1:
+            continue
+        eps = _const_scalar(g, add.input[1])
+        mean = producer.get(add.input[0])
+        if eps is None or mean is None or mean.op_type != "ReduceMean":
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in mean.attribute}
+        square = producer.get(mean.input[0])
+        scale = cons[div.output[0]][0]
+        w = [i for i in scale.input if i != div.output[0]]
+        if (attrs.get("axes") != [-1] or attrs.get("keepdims", 1) != 1 or len(mean.input) != 1 or square is None
+                or square.op_type != "Mul" or list(square.input) != [x, x] or scale.op_type != "Mul"
+                or len(w) != 1 or w[0] not in inits
+                or not all(len(cons[n.output[0]]) == 1 for n in (square, mean, add, sqrt))):
+            continue
+        node = helper.make_node("RMSNormalization", [x, w[0]], list(scale.output), name=(scale.name or div.name) + "_rms",
+                                axis=-1, epsilon=eps)
+        insert[id(square)] = node
+        drop.update(id(n) for n in (square, mean, add, sqrt, div, scale))
+        fused += 1
+    nodes = []
+    for n in g.node:
+        if id(n) in insert:
+            nodes.append(insert[id(n)])
+        if id(n) not in drop:
+            nodes.append(n)
+    other = sorted({n.op_type for n in nodes if n.domain in ("", "ai.onnx")} - _SAME_17_TO_23)
+    if opset is None or opset.version > RMS_NORM_OPSET or other:
+        if report is not None:
+            report.fused[f"skipped: ops {', '.join(other)} need conversion to opset {RMS_NORM_OPSET}" if other
+                         else f"skipped: opset {opset.version if opset else '?'} not supported"] += 1
+        return model
+    _replace(g.node, nodes)
+    opset.version = RMS_NORM_OPSET
+    model.ir_version = max(model.ir_version, 11)          # opset 23 needs IR version 11 (onnx 1.18)
+    if report is not None and fused:
+        report.fused["rms_norm"] += fused
+    return remove_dead_nodes(model)
+
+
 DEFAULT_PASSES: list[Pass] = [fold_constants, merge_qkv, merge_gate_up]
+# opt-in: raises the opset to 23 (onnxruntime >= 1.22 and TVM's importer read it; older consumers may not)
+FUSION_PASSES: list[Pass] = [*DEFAULT_PASSES, fuse_rms_norm]
+
+
+def format_report(reports: list[PassReport]) -> str:
+    """The table `edgellm compile --report` prints."""
+    lines = [f"{'pass':<18} {'nodes before -> after':<22} patterns"] + [str(r) for r in reports]
+    if reports:
+        lines.append(f"{'total':<18} nodes {reports[0].nodes_before:>6} -> {reports[-1].nodes_after}")
+    return "\n".join(lines)
 
 
 def run_passes(model: onnx.ModelProto, passes: list[Pass] | None = None) -> tuple[onnx.ModelProto, list[PassReport]]:

@@ -1,6 +1,8 @@
 """Backends run the forward pass. `numpy` is the reference; compiled backends (tvm, onnxruntime) come later."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 from threadpoolctl import ThreadpoolController
 
@@ -57,14 +59,37 @@ class NumpyBackend(Backend):
             return self.model.forward(tokens, pos, kv, all_logits)
 
 
-BACKENDS = {"numpy": NumpyBackend}
-PLANNED = {"tvm": "needs a compiled bundle (edgellm compile, not built yet)",
-           "onnxruntime": "needs a compiled bundle (edgellm compile, not built yet)"}
+KERNEL_LIBRARY = "kernels/model.so"   # where `edgellm compile` puts the TVM kernels inside a bundle
+ONNX_DIR = "onnx"                      # and the exported graphs
 
 
-def make_backend(name: str, cfg: ModelConfig, weights: WeightStore, threads: int | None) -> Backend:
-    if name in BACKENDS:
-        return BACKENDS[name](cfg, weights, threads)
-    if name in PLANNED:
-        raise EdgeLLMError(f"backend {name!r} is not available yet: {PLANNED[name]}", "use backend='numpy'")
-    raise EdgeLLMError(f"unknown backend {name!r}", f"choose one of: {', '.join(BACKENDS)}")
+def _needs_bundle(name: str, model, artifact: str) -> Path:
+    if model.format != "bundle":
+        raise EdgeLLMError(f"backend {name!r} runs a compiled bundle, and {model.path} is a {model.format} model",
+                           f"compile it first: edgellm compile {model.path} --target x86-64 -o BUNDLE_DIR")
+    path = Path(model.path) / artifact
+    if not path.exists():
+        raise EdgeLLMError(f"the bundle {model.path} has no {artifact}",
+                           f"recompile it with the {name} backend enabled (edgellm compile ... --backends {name})")
+    return path
+
+
+def _tvm(model, threads):
+    from .tvm_backend import TvmBackend   # lazy: imports the TVM runtime
+    return TvmBackend(model.config, model.weights, _needs_bundle("tvm", model, KERNEL_LIBRARY), threads=threads)
+
+
+def _onnxruntime(model, threads):
+    from .ort_backend import OnnxRuntimeBackend   # lazy: imports onnxruntime
+    return OnnxRuntimeBackend(model.config, _needs_bundle("onnxruntime", model, ONNX_DIR), threads)
+
+
+BACKENDS = {"numpy": lambda model, threads: NumpyBackend(model.config, model.weights, threads),
+            "tvm": _tvm, "onnxruntime": _onnxruntime}
+
+
+def make_backend(name: str, model, threads: int | None) -> Backend:
+    """Backend `name` for a LoadedModel (compiled backends need a bundle made by `edgellm compile`)."""
+    if name not in BACKENDS:
+        raise EdgeLLMError(f"unknown backend {name!r}", f"choose one of: {', '.join(BACKENDS)}")
+    return BACKENDS[name](model, threads)

@@ -118,6 +118,10 @@ def verify_files(path: Path, manifest: dict) -> None:
     if not isinstance(files, list) or not files:
         raise ModelFormatError(f"{path / MANIFEST} lists no files", RECOPY)
     for entry in files:
+        ok = isinstance(entry, dict) and isinstance(entry.get("path"), str) and isinstance(entry.get("bytes"), int) \
+            and isinstance(entry.get("sha256"), str)
+        if not ok or Path(entry["path"]).is_absolute() or ".." in Path(entry["path"]).parts:
+            raise ModelFormatError(f"{path / MANIFEST} has a malformed files entry {str(entry)[:80]}", RECOPY)
         f = path / entry["path"]
         if not f.is_file():
             raise ModelFormatError(f"bundle file {entry['path']} is missing from {path}", RECOPY)

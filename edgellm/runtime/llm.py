@@ -81,16 +81,17 @@ class LLM:
     """
 
     def __init__(self, model: str | os.PathLike = "smollm2-135m", *, threads: int | None = None,
-                 n_ctx: int | None = None, backend: str = "numpy", verbose: bool = False):
+                 n_ctx: int | None = None, backend: str = "numpy", verbose: bool = False,
+                 allow_target_mismatch: bool = False):
         t0 = time.perf_counter()
-        m = load_model(model)
+        m = load_model(model, allow_target_mismatch=allow_target_mismatch)
         self.config, self.tokenizer, self.path, self.metadata = m.config, m.tokenizer, m.path, m.metadata
         self.weights = m.weights
         self.threads = threads or _physical_cores()
-        self.n_ctx = min(n_ctx or DEFAULT_CTX, self.config.context_length) if n_ctx is None else n_ctx
+        self.n_ctx = n_ctx if n_ctx is not None else min(DEFAULT_CTX, self.config.context_length)
         if self.n_ctx <= 0 or self.n_ctx > (1 << 20):
             raise EdgeLLMError(f"n_ctx={self.n_ctx} is out of range", "pass a context size such as 2048")
-        self.backend = make_backend(backend, self.config, m.weights, self.threads)
+        self.backend = make_backend(backend, m, self.threads)
         self.backend.prepare()
         self.verbose = verbose
         self._kv = None

@@ -110,13 +110,16 @@ def check_weights(cfg: ModelConfig, store: WeightStore) -> None:
                                    "the model file is corrupt or its metadata does not match its tensors")
 
 
-def load_model(spec: str | os.PathLike) -> LoadedModel:
-    """Load a .gguf file or a Hugging Face directory (registry names are resolved by edgellm.hub)."""
+def load_model(spec: str | os.PathLike, allow_target_mismatch: bool = False) -> LoadedModel:
+    """Load a .gguf file, a Hugging Face directory or a compiled bundle (registry names resolve through edgellm.hub)."""
     path = Path(spec)
     if not path.exists():
         from ..hub import resolve_model
         path = resolve_model(str(spec))
     if path.is_dir():
+        if (path / "manifest.json").is_file():
+            from .bundle import load_bundle
+            return load_bundle(path, allow_target_mismatch=allow_target_mismatch)
         if (path / "config.json").exists():
             from .hf_loader import load_hf_dir
             from .tokenizer import Tokenizer
@@ -127,8 +130,8 @@ def load_model(spec: str | os.PathLike) -> LoadedModel:
             if info.get("chat_template") and not tok.chat_template:
                 tok.chat_template = info["chat_template"]
             return LoadedModel(cfg, store, tok, path, "hf", info)
-        raise ModelFormatError(f"{path} is a directory without config.json",
-                               "pass a .gguf file or a Hugging Face model directory")
+        raise ModelFormatError(f"{path} is a directory without config.json or manifest.json",
+                               "pass a .gguf file, a Hugging Face model directory or an edgellm bundle")
     from .gguf_file import open_gguf
     from .tokenizer import Tokenizer
     g = open_gguf(path)

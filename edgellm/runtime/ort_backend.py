@@ -40,8 +40,18 @@ class OrtKVCache:
         self.length = min(self.length, length)
 
 
+def _resolve(path: Path) -> Path:
+    """An .onnx file, or a directory (a bundle or an export dir) holding decode.onnx or onnx/decode.onnx."""
+    if path.is_dir():
+        for cand in (path / "decode.onnx", path / "onnx" / "decode.onnx"):
+            if cand.is_file():
+                return cand
+    return path
+
+
 class OnnxRuntimeBackend(Backend):
-    """Runs `model_path` (an .onnx file from edgellm.compiler.onnx_export) in an onnxruntime InferenceSession."""
+    """Runs `model_path` (an .onnx graph written by `edgellm compile`, or a directory holding decode.onnx or
+    onnx/decode.onnx) in an onnxruntime InferenceSession. `cfg` may be None: the graph carries its config."""
 
     name = "onnxruntime"
 
@@ -52,7 +62,7 @@ class OnnxRuntimeBackend(Backend):
         except ImportError as e:
             raise EdgeLLMError(f"the onnxruntime backend needs the onnxruntime package ({e})",
                                "pip install onnxruntime (or pip install 'edgellm[compiler]')") from None
-        self.path = Path(model_path)
+        self.path = _resolve(Path(model_path))
         if not self.path.is_file():
             raise ModelFormatError(f"ONNX graph {self.path} does not exist", "compile the model first (edgellm compile)")
         opts = ort.SessionOptions()

@@ -1,15 +1,18 @@
 """The `tvm` backend: the model's forward pass through kernels compiled by edgellm.compiler.tvm_build.
 
-Needs only the TVM runtime (imported lazily), so it runs on a device without the compiler. Weights are
-dequantized to float32 once into TVM tensors; activations, RoPE tables and the KV cache are preallocated
-TVM tensors that numpy sees through zero-copy DLPack views, so glue steps (embedding lookup, residual
-adds, biases, KV writes) cost no copies and no per-token allocation. One token at a time: prefill loops.
+Needs only the TVM runtime (tvm_ffi + libtvm_runtime.so, loaded lazily; the `tvm` compiler package is never
+imported), so it runs on a device without the compiler. Weights are dequantized to float32 once; weights,
+activations, RoPE tables and the KV cache live in preallocated 64-byte-aligned numpy arrays wrapped once as
+TVM tensors (DLPack, zero copy), so glue steps (embedding lookup, residual adds, biases, KV writes) cost no
+copies and no per-token allocation. One token at a time: prefill loops over the decode kernels.
 """
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import importlib.util
 import os
+import platform
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +24,8 @@ from .kv_cache import KVCache
 from .model import rope_tables
 from .weights import WeightStore
 
+KERNEL_ABI = 1          # bump when a kernel's arguments or semantics change
+
 
 def matmul_shapes(cfg: ModelConfig) -> list[tuple[int, int]]:
     """Distinct (out, in) weight shapes of the model, each one compiled GEMV kernel."""
@@ -30,9 +35,17 @@ def matmul_shapes(cfg: ModelConfig) -> list[tuple[int, int]]:
     return list(dict.fromkeys(shapes))
 
 
+def kernel_signature(cfg: ModelConfig) -> str:
+    """Hash of every config field baked into the kernels; the library exports a function named after it."""
+    fields = (cfg.n_layers, cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim, cfg.vocab_size,
+              float(cfg.norm_eps), cfg.rope_dim, bool(cfg.rope_neox), KERNEL_ABI)
+    return hashlib.sha256(repr(fields).encode()).hexdigest()[:16]
+
+
 def kernel_names(cfg: ModelConfig) -> dict:
     """The contract between compiler and runtime: which function of the library does what."""
-    return {"matmul": {(n, k): f"matmul_{n}x{k}" for n, k in matmul_shapes(cfg)},
+    return {"signature": f"edgellm_kernels_{kernel_signature(cfg)}",
+            "matmul": {(n, k): f"matmul_{n}x{k}" for n, k in matmul_shapes(cfg)},
             "rms_norm": f"rms_norm_{cfg.dim}",
             "swiglu": f"swiglu_{cfg.ffn_dim}",
             "rope_q": f"rope_{cfg.n_heads}x{cfg.head_dim}",
@@ -86,15 +99,32 @@ def aligned_empty(shape, dtype=np.float32, align: int = 64) -> np.ndarray:
     return buf[off:off + nbytes].view(dtype).reshape(shape)
 
 
+ELF_MACHINES = {3: "i686", 40: "armv7l", 62: "x86_64", 183: "aarch64", 243: "riscv64"}
+
+
+def elf_machine(path: str | os.PathLike) -> int | None:
+    """The ELF e_machine field of a shared library (62 x86-64, 183 aarch64), or None if it is not ELF."""
+    with open(path, "rb") as f:
+        head = f.read(20)
+    if len(head) < 20 or head[:4] != b"\x7fELF":
+        return None
+    return int.from_bytes(head[18:20], "little" if head[5] == 1 else "big")
+
+
 def load_library(path: str | os.PathLike):
     """Load a compiled kernel library (a .so exported by tvm_build) through the TVM runtime."""
     path = Path(path)
     if not path.is_file():
         raise EdgeLLMError(f"kernel library {path} does not exist",
                            "compile the model first (edgellm.compiler.tvm_build.build_kernels)")
+    machine = elf_machine(path)
+    arch = ELF_MACHINES.get(machine, f"ELF machine {machine}") if machine is not None else "a non-ELF format"
+    if arch != platform.machine():
+        raise EdgeLLMError(f"kernel library {path} is built for {arch}, this machine is {platform.machine()}",
+                           "compile the model for this machine's target, or run the bundle on its device")
     ffi = _runtime()
     try:
-        return ffi.load_module(str(path))
+        return ffi.load_module(str(path.resolve()))
     except Exception as e:  # noqa: BLE001 - TVM raises its own error types
         raise EdgeLLMError(f"cannot load kernel library {path}: {e}",
                            "it may be built for another CPU or OS; compile it for this target") from None
@@ -161,6 +191,11 @@ class TvmBackend(Backend):
             ffi.get_global_func("runtime.config_threadpool")(1, int(self.threads))  # 1: all (big) cores
         c = self.cfg
         names = kernel_names(c)
+        try:
+            self.lib[names["signature"]]
+        except Exception:  # noqa: BLE001
+            raise EdgeLLMError(f"kernel library {self.library} was not compiled for this model configuration "
+                               f"(no {names['signature']})", "recompile the kernels for this model") from None
         self.k_mm = {shape: self._fn(n) for shape, n in names["matmul"].items()}
         self.k_rms = self._fn(names["rms_norm"])
         self.k_swiglu = self._fn(names["swiglu"])
@@ -254,3 +289,48 @@ class TvmBackend(Backend):
             if all_logits or j == len(tokens) - 1:
                 out.append(self._logits())
         return np.concatenate(out, axis=0)
+
+
+def greedy(backend: Backend, prompt_ids, n_tokens: int, n_ctx: int | None = None) -> list[int]:
+    """Greedy continuation token ids: the cross-device check (same ids on host and emulated ARM)."""
+    ids = [int(t) for t in prompt_ids]
+    kv = backend.new_cache(n_ctx or len(ids) + n_tokens)
+    logits = backend.forward(np.asarray(ids), 0, kv)
+    out = []
+    for _ in range(n_tokens):
+        out.append(int(np.argmax(logits[-1])))
+        if len(out) == n_tokens:
+            break
+        logits = backend.forward(np.asarray(out[-1:]), len(ids) + len(out) - 1, kv)
+    return out
+
+
+def main(argv=None) -> int:
+    """`python -m edgellm.runtime.tvm_backend --model M --library L --prompt P`: greedy ids as JSON (device smoke test)."""
+    import argparse
+    import json
+    import time
+
+    from .loader import load_model
+    ap = argparse.ArgumentParser(prog="python -m edgellm.runtime.tvm_backend")
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--library", required=True)
+    ap.add_argument("--prompt", default="Once upon a time")
+    ap.add_argument("-n", "--n-tokens", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=None)
+    a = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    m = load_model(a.model)
+    be = TvmBackend(m.config, m.weights, a.library, a.threads)
+    be.prepare()
+    t1 = time.perf_counter()
+    prompt = m.tokenizer.encode(a.prompt)
+    ids = greedy(be, prompt, a.n_tokens)
+    print(json.dumps({"machine": platform.machine(), "prompt_ids": [int(t) for t in prompt], "ids": ids,
+                      "text": m.tokenizer.decode(ids), "load_s": round(t1 - t0, 3),
+                      "generate_s": round(time.perf_counter() - t1, 3)}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,95 @@
+"""`edgellm compile`: import -> ONNX graph + passes -> TVM kernels -> bundle, timing every stage.
+
+Each stage writes into a scratch directory; the bundle writer copies the results into a bundle that
+appears at the destination only when complete.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..devices.targets import check_toolchain, get_target
+from .bundle_writer import write_bundle
+from ..errors import EdgeLLMError
+from ..runtime.backend import KERNEL_LIBRARY, ONNX_DIR
+from ..runtime.loader import load_model
+
+ALL_BACKENDS = ("onnxruntime", "tvm")
+QUANT_SCHEMES = ("gguf-native",)   # integer-only schemes (w8a8, w4a8, ...) are not built yet
+
+
+@dataclass
+class CompileResult:
+    bundle: Path
+    stage_seconds: dict = field(default_factory=dict)
+    report: list[str] = field(default_factory=list)
+
+    @property
+    def total_seconds(self) -> float:
+        return sum(self.stage_seconds.values())
+
+
+def _bundle_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def compile_model(model: str | os.PathLike, target: str = "x86-64", out: str | os.PathLike | None = None,
+                  backends: tuple[str, ...] = ALL_BACKENDS, quant: str = "gguf-native", report: bool = False,
+                  with_wheels: bool = False, device_python: str = "3.11", log=print) -> CompileResult:
+    """Compile `model` for `target` into a bundle directory (default: <model name>.<target>.bundle)."""
+    t = get_target(target)
+    unknown = set(backends) - set(ALL_BACKENDS)
+    if unknown:
+        raise EdgeLLMError(f"unknown backend(s) {', '.join(sorted(unknown))}",
+                           f"choose from: {', '.join(ALL_BACKENDS)}")
+    if quant not in QUANT_SCHEMES:
+        raise EdgeLLMError(f"quantization scheme {quant!r} is not available yet",
+                           f"available: {', '.join(QUANT_SCHEMES)} (weights keep their GGUF types)")
+    if "tvm" in backends:
+        check_toolchain(t)                       # fail before any long work if the cross compiler is missing
+    res = CompileResult(bundle=Path())
+    clock = time.perf_counter()
+
+    def stage(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        res.stage_seconds[name] = now - clock
+        clock = now
+        log(f"edgellm compile: {name} done in {res.stage_seconds[name]:.1f} s")
+
+    loaded = load_model(model)
+    stage("import")
+    out = Path(out) if out else Path(f"{Path(loaded.path).stem}.{t.name}.bundle")
+    with tempfile.TemporaryDirectory(prefix=".edgellm-compile-", dir=out.absolute().parent) as scratch:
+        scratch = Path(scratch)
+        extra: dict[str, Path] = {}
+        if "onnxruntime" in backends:
+            from .onnx_export import build_onnx, save_onnx
+            from .passes import format_report, run_passes
+            graph, reports = run_passes(build_onnx(loaded.config, loaded.weights, "decode"))
+            save_onnx(graph, scratch / ONNX_DIR / "decode.onnx")
+            extra[ONNX_DIR] = scratch / ONNX_DIR
+            if report:
+                res.report.append(format_report(reports))
+            stage("onnx")
+        if "tvm" in backends:
+            from .tvm_build import build_kernels_report
+            built = build_kernels_report(loaded.config, t.tvm_target, scratch / KERNEL_LIBRARY)
+            extra[KERNEL_LIBRARY] = built.path
+            if report:
+                res.report.append(f"tvm kernels for {t.name}: {len(built.names)} functions: {', '.join(built.names)}")
+            stage("tvm")
+        if with_wheels:
+            from .wheels import download_wheels
+            download_wheels(t, scratch / "wheels", list(backends), device_python)
+            extra["wheels"] = scratch / "wheels"
+            stage("wheels")
+        res.bundle = write_bundle(loaded, out, t, extra)
+        stage("bundle")
+    res.report.append(f"bundle {res.bundle}: {_bundle_bytes(res.bundle) / 2**20:.1f} MiB, "
+                      f"compiled in {res.total_seconds:.1f} s "
+                      f"({', '.join(f'{k} {v:.1f} s' for k, v in res.stage_seconds.items())})")
+    return res
