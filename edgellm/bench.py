@@ -58,9 +58,10 @@ def _peak_rss_mb() -> float:
         return getattr(mi, "peak_wset", mi.rss) / (1 << 20)
 
 
-def _warm_token(ids: list[int], vocab: int) -> int:
-    """A token different from the prompt's first, so the warm-up leaves no reusable KV prefix behind."""
-    return (ids[0] + 1) % vocab
+def _warm_ids(ids: list[int], vocab: int) -> list[int]:
+    """A warm-up prompt of the same length (like llama-bench's warm-up) that shares no prefix with `ids`,
+    so the measured run cannot reuse the warm-up's KV cache."""
+    return [(t + 1) % vocab for t in ids]
 
 
 def _child_edgellm(job: dict) -> dict:
@@ -69,9 +70,9 @@ def _child_edgellm(job: dict) -> dict:
     t = time.perf_counter()
     llm = LLM(job["model_path"], threads=job["threads"], n_ctx=job["n_ctx"], backend=job["backend"])
     load_s = time.perf_counter() - t
-    # Warm-up: the numpy reference dequantizes each weight on first use; time that separately.
+    # Warm-up (a prompt of the same length + 1 decode step): first-use costs are timed apart from the run
     t = time.perf_counter()
-    llm.generate([_warm_token(ids, llm.config.vocab_size)], max_tokens=1, temperature=0, ignore_eos=True)
+    llm.generate(_warm_ids(ids, llm.config.vocab_size), max_tokens=2, temperature=0, ignore_eos=True)
     warmup_s = time.perf_counter() - t
     # gen+1 sampled tokens = gen single-token forward passes, the same count the llama.cpp child times
     r = llm.generate(ids, max_tokens=gen + 1, temperature=0, ignore_eos=True)
@@ -92,14 +93,16 @@ def _child_llamacpp(job: dict) -> dict:
                           n_threads_batch=job["threads"], n_batch=512, verbose=False)
     load_s = time.perf_counter() - t
     n_vocab = llm.n_vocab()
-    t = time.perf_counter()
-    llm.eval([_warm_token(ids, n_vocab)])
-    warmup_s = time.perf_counter() - t
-    llm.reset()                                    # next eval drops the warm-up's KV entries
 
     def greedy() -> int:                           # argmax of the last logits, like edgellm's temperature=0
         ptr = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
         return int(np.ctypeslib.as_array(ptr, shape=(n_vocab,)).argmax())
+
+    t = time.perf_counter()                        # the same warm-up as the edgellm child
+    llm.eval(_warm_ids(ids, n_vocab))
+    llm.eval([greedy()])
+    warmup_s = time.perf_counter() - t
+    llm.reset()                                    # the next eval drops the warm-up's KV entries
 
     t = time.perf_counter()
     llm.eval(ids)

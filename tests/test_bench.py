@@ -136,8 +136,9 @@ def test_edgellm_alone_through_main(tiny, tmp_path, capsys):
 
 def test_child_failure_is_reported(tiny):
     """A user error inside the child comes back as the engine's own one-line message, not a traceback."""
-    with pytest.raises(EdgeLLMError, match=r"^edgellm could not run: backend 'tvm' is not available") as e:
-        bench.run_bench(str(tiny), prompt_tokens=4, gen_tokens=2, reps=1, engines=("edgellm",), backend="tvm")
+    with pytest.raises(EdgeLLMError, match=r"^edgellm could not run: .*no-such-backend") as e:
+        bench.run_bench(str(tiny), prompt_tokens=4, gen_tokens=2, reps=1, engines=("edgellm",),
+                        backend="no-such-backend")
     assert "Traceback" not in str(e.value)
 
 

@@ -134,6 +134,23 @@ def test_prefill_graph_returns_last_position_only(tiny, tmp_path):
         be.forward(np.asarray(PROMPT), 0, be.new_cache(16), all_logits=True)
 
 
+def test_qdq_export_matches_numpy_reference(tiny, tmp_path):
+    """weights_format="qdq": quantized matrices stay GGUF blocks behind DequantizeLinear (standard ops, opset 21);
+    float ones stay float. Values are bit-exact, so the float tolerance holds."""
+    import onnx
+    from edgellm.compiler.onnx_export import export_onnx
+    path = export_onnx(tiny.cfg, tiny.weights, tmp_path, weights_format="qdq")
+    m = onnx.load(str(path), load_external_data=False)
+    assert all(n.domain in ("", "ai.onnx") for n in m.graph.node)
+    quantized = SPECS[tiny.key].qtype != "F32"
+    assert (ops(m)["DequantizeLinear"] > 0) == quantized
+    assert m.metadata_props and dict((p.key, p.value) for p in m.metadata_props)["edgellm.weights_format"] == "qdq"
+    ref = prefill_then_decode(NumpyBackend(tiny.cfg, tiny.weights, threads=1, act_quant="none"))
+    got = prefill_then_decode(ort_backend(path), greedy_from=ref)
+    for g, r in zip(got, ref):
+        assert rel_err(g, r) < REL_TOL
+
+
 def test_unknown_kind_is_refused(tiny, tmp_path):
     from edgellm.compiler.onnx_export import export_onnx
     with pytest.raises(EdgeLLMError, match="decode, prefill"):

@@ -32,10 +32,12 @@ PATH="$PATH:/usr/sbin:/sbin"
 
 mirror="${EDGELLM_DEBIAN_MIRROR:-}"
 if [ -z "$mirror" ]; then   # the mirror apt already uses for the main Debian archive
-  mirror=$(grep -hoE '^URIs: *[^ ]+/debian/?$' /etc/apt/sources.list.d/*.sources 2>/dev/null | head -n1 | sed 's/^URIs: *//') || true
+  mirror=$(grep -hoE '^URIs: *[^ ]+/debian/?$' /etc/apt/sources.list.d/*.sources 2>/dev/null \
+             | head -n1 | sed 's/^URIs: *//') || true
 fi
 if [ -z "$mirror" ]; then
-  mirror=$(grep -hoE '^deb +(\[[^]]*\] +)?[^ ]+/debian/? +' /etc/apt/sources.list 2>/dev/null | head -n1 | awk '{print $NF}') || true
+  mirror=$(grep -hoE '^deb +(\[[^]]*\] +)?[^ ]+/debian/? +' /etc/apt/sources.list 2>/dev/null \
+             | head -n1 | awk '{print $NF}') || true
 fi
 if [ -z "$mirror" ]; then
   echo "arm_rootfs: no Debian mirror found in /etc/apt sources: set EDGELLM_DEBIAN_MIRROR" >&2; exit 2

@@ -14,6 +14,17 @@ The causal mask is built in-graph from past and seq. RoPE uses cos/sin tables (i
 by position_ids. Normal-layout (llama) RoPE is turned into the NeoX layout by permuting the rows of
 the q/k weights within each head (q.k is unchanged by a shared permutation), so the cached keys are
 stored in that permuted order; values are not permuted.
+
+Weight formats (`weights_format`):
+  "float"  every weight dequantized to float32 initializers (opset 17; what TVM's importer reads today).
+  "qdq"    Q4_0 / Q4_1 / Q8_0 matrices keep their GGUF blocks in the standard ONNX QDQ form (opset 21 blocked
+           quantization): DequantizeLinear(q [out, in] uint4|int8, scale [out, in/32], zero_point, axis=1,
+           block_size=32) -> Transpose -> MatMul (Gemm transB=1 for the lm_head). Q4_0 is uint4 with zero point 8,
+           Q8_0 int8 without one; Q4_1's float minimum (not an integer zero point) is added after the
+           DequantizeLinear per block: Reshape [out, in/32, 32] -> Add(min [out, in/32, 1]) -> Reshape. The
+           embedding Gathers quantized rows (int8, or 4-bit values one per uint8) and their scales, then
+           dequantizes only those rows. Values are bit-exact with the GGUF dequantizer; other types stay float.
+           `passes.fuse_matmul_nbits` turns each DequantizeLinear+MatMul into onnxruntime's MatMulNBits.
 """
 from __future__ import annotations
 
@@ -31,7 +42,12 @@ from ..runtime.model import rope_tables
 from ..runtime.weights import WeightStore
 
 OPSET = 17
+QDQ_OPSET = 21          # DequantizeLinear with block_size and int4/uint4 tensors
 KINDS = ("decode", "prefill")
+WEIGHT_FORMATS = ("float", "qdq")
+QDQ_BLOCK = 32
+# GGUF block layouts the qdq export keeps: bytes per 32-weight block
+_QDQ_TYPES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
 
 
 def rope_permutation(head_dim: int, rope_dim: int) -> np.ndarray:
@@ -73,8 +89,11 @@ class _Builder:
 
 
 class _LlamaExporter:
-    def __init__(self, cfg: ModelConfig, weights: WeightStore, kind: str, max_positions: int):
+    def __init__(self, cfg: ModelConfig, weights: WeightStore, kind: str, max_positions: int,
+                 weights_format: str = "float"):
         self.c, self.w, self.kind, self.max_positions = cfg, weights, kind, max_positions
+        self.weights_format = weights_format
+        self.opset = QDQ_OPSET if weights_format == "qdq" else OPSET
         self.b = _Builder()
         self.perm = None if cfg.rope_neox else rope_permutation(cfg.head_dim, cfg.rope_dim)
 
@@ -86,9 +105,86 @@ class _LlamaExporter:
             w = w.reshape(heads, d, *w.shape[1:])[:, self.perm].reshape(w.shape)
         return self.b.init(name, w)
 
+    def quantized(self, name: str) -> bool:
+        return (self.weights_format == "qdq" and self.w.qtype(name).name in _QDQ_TYPES
+                and len(self.w.info(name).shape) == 2 and self.w.info(name).shape[1] % QDQ_BLOCK == 0)
+
+    def blocks(self, name: str, heads: int | None = None):
+        """GGUF blocks of a 2-D weight -> (q [out, in] int8 or uint8 4-bit values, scale, min or None) arrays."""
+        qt = self.w.qtype(name).name
+        n, k = self.w.info(name).shape
+        raw = np.ascontiguousarray(self.w.raw(name)).view(np.uint8).reshape(n, k // QDQ_BLOCK, _QDQ_TYPES[qt])
+        if heads is not None and self.perm is not None:          # permute whole rows, blocks run along `in`
+            raw = raw.reshape(heads, self.c.head_dim, *raw.shape[1:])[:, self.perm].reshape(raw.shape)
+        scale = raw[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
+        if qt == "Q8_0":
+            return raw[..., 2:].copy().view(np.int8).reshape(n, k), scale, None
+        qs = raw[..., 4 if qt == "Q4_1" else 2:]
+        q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(n, k)   # GGUF: low nibbles first, then high
+        mins = raw[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32) if qt == "Q4_1" else None
+        return q, scale, mins
+
+    def qweight(self, name: str, heads: int | None = None) -> str:
+        """Initializers + DequantizeLinear (+ Q4_1 minimum) for weight `name`; returns the float [out, in] output."""
+        b, qt = self.b, self.w.qtype(name).name
+        q, scale, mins = self.blocks(name, heads)
+        n, k = q.shape
+        if qt == "Q8_0":
+            ins = [b.init(name + "_q", q), b.init(name + "_scale", scale)]
+        else:
+            ins = [_init_uint4(b, name + "_q", q), b.init(name + "_scale", scale)]
+            if qt == "Q4_0":
+                ins.append(_init_uint4(b, name + "_zp", np.full(scale.shape, 8, np.uint8)))
+        w = b.op("DequantizeLinear", ins, name=name + "_dq", axis=1, block_size=QDQ_BLOCK)
+        if mins is None:
+            return w
+        blocks = b.op("Reshape", [w, b.const([n, k // QDQ_BLOCK, QDQ_BLOCK])])
+        added = b.op("Add", [blocks, b.init(name + "_min", mins[..., None])])
+        return b.op("Reshape", [added, b.const([n, k])], name=name + "_dqmin")
+
+    def embed(self, name: str) -> str:
+        """Token embedding: Gather of float rows, or (qdq) of quantized rows dequantized after the Gather."""
+        b = self.b
+        if not self.quantized(name):
+            return b.op("Gather", [self.weight(name), "input_ids"], axis=0, name="embed")
+        qt = self.w.qtype(name).name
+        q, scale, mins = self.blocks(name)
+        n, k = q.shape
+        gather = lambda t: b.op("Gather", [t, "input_ids"], axis=0)  # noqa: E731
+        table = b.init(name + "_rows", q)      # int8 (Q8_0) or one 4-bit value per uint8: Gather takes no int4
+        ins = [gather(table), gather(b.init(name + "_scale", scale))]
+        if qt == "Q4_0":
+            ins.append(gather(b.init(name + "_zp", np.full(scale.shape, 8, np.uint8))))
+        x = b.op("DequantizeLinear", ins, axis=2, block_size=QDQ_BLOCK,
+                 name="embed" if mins is None else None)
+        if mins is not None:
+            blocks = b.op("Reshape", [x, b.const([1, -1, k // QDQ_BLOCK, QDQ_BLOCK])])
+            mins_rows = b.op("Gather", [b.init(name + "_min", mins[..., None]), "input_ids"], axis=0)
+            x = b.op("Reshape", [b.op("Add", [blocks, mins_rows]), b.const([1, -1, k])], name="embed")
+        return x
+
+    def lm_head_weight(self) -> str:
+        """[vocab, dim] weight for Gemm(transB=1): float, or a DequantizeLinear of the (shared) quantized rows."""
+        c, b = self.c, self.b
+        name = "token_embd.weight" if c.tied_embeddings else "output.weight"
+        if not self.quantized(name):
+            return name if c.tied_embeddings else self.weight(name)
+        if not c.tied_embeddings:
+            return self.qweight(name)
+        qt = self.w.qtype(name).name
+        q, scale, mins = self.blocks(name)
+        n, k = q.shape
+        ins = [name + "_rows", name + "_scale"] + ([name + "_zp"] if qt == "Q4_0" else [])
+        w = b.op("DequantizeLinear", ins, name=name + "_dq", axis=1, block_size=QDQ_BLOCK)
+        if mins is None:
+            return w
+        blocks = b.op("Reshape", [w, b.const([n, k // QDQ_BLOCK, QDQ_BLOCK])])
+        return b.op("Reshape", [b.op("Add", [blocks, name + "_min"]), b.const([n, k])], name=name + "_dqmin")
+
     def linear(self, x: str, name: str, heads: int | None = None) -> str:
         b = self.b
-        wt = b.op("Transpose", [self.weight(name, heads)], name=name + "_T", perm=[1, 0])
+        w = self.qweight(name, heads) if self.quantized(name) else self.weight(name, heads)
+        wt = b.op("Transpose", [w], name=name + "_T", perm=[1, 0])
         y = b.op("MatMul", [x, wt])
         bias = name.replace(".weight", ".bias")
         if self.c.attn_bias and bias in self.w:
@@ -98,7 +194,9 @@ class _LlamaExporter:
     # --- blocks -----------------------------------------------------------------------------------
     def rms_norm(self, x: str, name: str) -> str:
         b = self.b
-        ms = b.op("ReduceMean", [b.op("Mul", [x, x])], axes=[-1], keepdims=1)
+        sq = b.op("Mul", [x, x])
+        ms = (b.op("ReduceMean", [sq], axes=[-1], keepdims=1) if self.opset < 18   # axes became an input in 18
+              else b.op("ReduceMean", [sq, b.const([-1])], keepdims=1))
         den = b.op("Sqrt", [b.op("Add", [ms, b.const(self.c.norm_eps, np.float32)])])
         return b.op("Mul", [b.op("Div", [x, den]), self.weight(name)])
 
@@ -164,7 +262,7 @@ class _LlamaExporter:
         cos_t = b.op("Unsqueeze", [b.op("Gather", ["rope_cos", "position_ids"], axis=0), unsq], name="cos")
         sin_t = b.op("Unsqueeze", [b.op("Gather", ["rope_sin", "position_ids"], axis=0), unsq], name="sin")
         mask = self.causal_mask()
-        x = b.op("Gather", [self.weight("token_embd.weight"), "input_ids"], axis=0, name="embed")
+        x = self.embed("token_embd.weight")
         for i in range(c.n_layers):
             p = f"blk.{i}."
             x = b.op("Add", [x, self.attention(i, self.rms_norm(x, p + "attn_norm.weight"), cos_t, sin_t, mask)])
@@ -172,8 +270,7 @@ class _LlamaExporter:
         if self.kind == "prefill":
             x = b.op("Slice", [x, b.const([-1]), b.const([np.iinfo(np.int64).max]), b.const([1])])
         x = b.op("Reshape", [self.rms_norm(x, "output_norm.weight"), b.const([-1, c.dim])])
-        out_w = "token_embd.weight" if c.tied_embeddings else self.weight("output.weight")
-        y = b.op("Gemm", [x, out_w], transB=1)
+        y = b.op("Gemm", [x, self.lm_head_weight()], transB=1)
         b.op("Reshape", [y, b.const([1, -1, c.vocab_size])], name="logits")
         return self._model()
 
@@ -195,29 +292,45 @@ class _LlamaExporter:
         g.node.extend(self.b.nodes)
         g.input.extend(inputs)
         g.output.extend(outputs)
-        model.opset_import.append(helper.make_opsetid("", OPSET))
+        model.opset_import.append(helper.make_opsetid("", self.opset))
         model.producer_name, model.producer_version = "edgellm", "0.1"
-        model.ir_version = 8   # onnxruntime >= 1.14 and TVM's importer read IR 8 (opset 17)
+        # onnxruntime >= 1.14 and TVM's importer read IR 8 (opset 17); opset 21 and int4 tensors need IR 10
+        model.ir_version = 8 if self.opset < 21 else 10
         helper.set_model_props(model, {
             "edgellm.config": json.dumps(c.to_dict(), default=str),
             "edgellm.kind": self.kind,
             "edgellm.max_positions": str(self.max_positions),
             "edgellm.kv_layout": "neox-permuted-qk" if self.perm is not None else "neox",
+            "edgellm.weights_format": self.weights_format,
         })
         return model
 
 
+def _init_uint4(b: _Builder, name: str, values: np.ndarray) -> str:
+    """A uint4 initializer from one value (0..15) per uint8, packed two per byte, first element in the low nibble."""
+    flat = values.reshape(-1).astype(np.uint8)
+    if flat.size % 2:
+        flat = np.append(flat, np.uint8(0))
+    packed = (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8)
+    tensor = helper.make_tensor(name, TensorProto.UINT4, values.shape, packed.tobytes(), raw=True)
+    b.model.graph.initializer.append(tensor)
+    return name
+
+
 def build_onnx(cfg: ModelConfig, weights: WeightStore, kind: str = "decode",
-               max_positions: int | None = None) -> onnx.ModelProto:
-    """The export graph in memory (weights as in-memory initializers)."""
+               max_positions: int | None = None, weights_format: str = "float") -> onnx.ModelProto:
+    """The export graph in memory (weights as in-memory initializers); see the module docstring for the formats."""
     if kind not in KINDS:
         raise EdgeLLMError(f"unknown ONNX graph kind {kind!r}", f"choose one of: {', '.join(KINDS)}")
+    if weights_format not in WEIGHT_FORMATS:
+        raise EdgeLLMError(f"unknown ONNX weights format {weights_format!r}",
+                           f"choose one of: {', '.join(WEIGHT_FORMATS)}")
     if cfg.arch not in ("llama", "mistral", "qwen2"):
         raise EdgeLLMError(f"ONNX export does not support architecture {cfg.arch!r}", "supported: llama, mistral, qwen2")
     n = int(max_positions or cfg.context_length)
     if n <= 0:
         raise EdgeLLMError(f"max_positions={n} must be positive", "pass the context length the graph should cover")
-    return _LlamaExporter(cfg, weights, kind, n).build()
+    return _LlamaExporter(cfg, weights, kind, n, weights_format).build()
 
 
 def save_onnx(model: onnx.ModelProto, path: str | os.PathLike, check: bool = True) -> Path:
@@ -239,7 +352,7 @@ def save_onnx(model: onnx.ModelProto, path: str | os.PathLike, check: bool = Tru
 
 
 def export_onnx(cfg: ModelConfig, weights: WeightStore, out_dir: str | os.PathLike, kind: str = "decode",
-                max_positions: int | None = None, check: bool = True) -> Path:
+                max_positions: int | None = None, check: bool = True, weights_format: str = "float") -> Path:
     """Build and save `<out_dir>/<kind>.onnx` (+ `.onnx.data`); returns the .onnx path."""
-    model = build_onnx(cfg, weights, kind, max_positions)
+    model = build_onnx(cfg, weights, kind, max_positions, weights_format)
     return save_onnx(model, Path(out_dir) / f"{kind}.onnx", check=check)

@@ -68,8 +68,10 @@ def compile_model(model: str | os.PathLike, target: str = "x86-64", out: str | o
         extra: dict[str, Path] = {}
         if "onnxruntime" in backends:
             from .onnx_export import build_onnx, save_onnx
-            from .passes import format_report, run_passes
-            graph, reports = run_passes(build_onnx(loaded.config, loaded.weights, "decode"))
+            from .passes import ORT_FUSION_PASSES, format_report, run_passes
+            # quantized weights (QDQ) fused into onnxruntime's contrib ops: MatMulNBits, GQA with RoPE, skip-RMSNorm
+            graph, reports = run_passes(build_onnx(loaded.config, loaded.weights, "decode", weights_format="qdq"),
+                                        ORT_FUSION_PASSES)
             save_onnx(graph, scratch / ONNX_DIR / "decode.onnx")
             extra[ONNX_DIR] = scratch / ONNX_DIR
             if report:

@@ -4,7 +4,7 @@ Needs only the TVM runtime (tvm_ffi + libtvm_runtime.so, loaded lazily; the `tvm
 imported), so it runs on a device without the compiler. Weights are dequantized to float32 once; weights,
 activations, RoPE tables and the KV cache live in preallocated 64-byte-aligned numpy arrays wrapped once as
 TVM tensors (DLPack, zero copy), so glue steps (embedding lookup, residual adds, biases, KV writes) cost no
-copies and no per-token allocation. One token at a time: prefill loops over the decode kernels.
+copies and no per-token allocation.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from .kv_cache import KVCache
 from .model import rope_tables
 from .weights import WeightStore
 
-KERNEL_ABI = 1          # bump when a kernel's arguments or semantics change
+KERNEL_ABI = 2          # bump when a kernel's arguments or semantics change
 
 
 def matmul_shapes(cfg: ModelConfig) -> list[tuple[int, int]]:
@@ -43,14 +43,19 @@ def kernel_signature(cfg: ModelConfig) -> str:
 
 
 def kernel_names(cfg: ModelConfig) -> dict:
-    """The contract between compiler and runtime: which function of the library does what."""
-    return {"signature": f"edgellm_kernels_{kernel_signature(cfg)}",
-            "matmul": {(n, k): f"matmul_{n}x{k}" for n, k in matmul_shapes(cfg)},
-            "rms_norm": f"rms_norm_{cfg.dim}",
-            "swiglu": f"swiglu_{cfg.ffn_dim}",
-            "rope_q": f"rope_{cfg.n_heads}x{cfg.head_dim}",
-            "rope_k": f"rope_{cfg.n_kv_heads}x{cfg.head_dim}",
-            "attention": "attention"}
+    """The contract between compiler and runtime: which function of the library does what.
+
+    "decode" kernels take one row (fixed shapes); "prefill" kernels take T rows (T from the arguments).
+    """
+    decode = {"matmul": {(n, k): f"matmul_{n}x{k}" for n, k in matmul_shapes(cfg)},
+              "rms_norm": f"rms_norm_{cfg.dim}",
+              "swiglu": f"swiglu_{cfg.ffn_dim}",
+              "rope_q": f"rope_{cfg.n_heads}x{cfg.head_dim}",
+              "rope_k": f"rope_{cfg.n_kv_heads}x{cfg.head_dim}",
+              "attention": "attention"}
+    prefill = {k: ({s: f"{n}_prefill" for s, n in v.items()} if isinstance(v, dict) else f"{v}_prefill")
+               for k, v in decode.items()}
+    return {"signature": f"edgellm_kernels_{kernel_signature(cfg)}", "decode": decode, "prefill": prefill}
 
 
 _RUNTIME_LIB = "libtvm_runtime.so"
@@ -133,7 +138,7 @@ def load_library(path: str | os.PathLike):
 class Buffer:
     """One preallocated float32 array seen both ways: `.np` (numpy) and `.t` (TVM tensor), same memory."""
 
-    __slots__ = ("np", "t")
+    __slots__ = ("np", "t", "_rows")
 
     def __init__(self, shape_or_array):
         if isinstance(shape_or_array, np.ndarray):
@@ -143,6 +148,22 @@ class Buffer:
             self.np = aligned_empty(shape_or_array)
             self.np[...] = 0
         self.t = _runtime().from_dlpack(self.np)
+        self._rows: dict[int, Buffer] = {}
+
+    def rows(self, n: int) -> "Buffer":
+        """The first n rows, as a Buffer sharing this memory (made once per n, then reused)."""
+        if n == self.np.shape[0]:
+            return self
+        b = self._rows.get(n)
+        if b is None:
+            if len(self._rows) > 16:
+                self._rows.clear()
+            b = Buffer.__new__(Buffer)
+            b.np = self.np[:n]
+            b.t = _runtime().from_dlpack(b.np)
+            b._rows = {}
+            self._rows[n] = b
+        return b
 
 
 class TvmKVCache(KVCache):
@@ -157,16 +178,37 @@ class TvmKVCache(KVCache):
         self.length = 0
 
 
+LAYER_WEIGHTS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up",
+                 "ffn_down")
+
+
+class _Kernels:
+    """The library functions of one mode ("decode" or "prefill"), looked up once."""
+
+    def __init__(self, fn, names: dict):
+        self.mm = {shape: fn(n) for shape, n in names["matmul"].items()}
+        self.rms = fn(names["rms_norm"])
+        self.swiglu = fn(names["swiglu"])
+        self.rope_q = fn(names["rope_q"])
+        self.rope_k = fn(names["rope_k"])
+        self.attn = fn(names["attention"])
+
+
 class TvmBackend(Backend):
-    """Runs the Llama-family forward pass with a compiled kernel library through the TVM runtime."""
+    """Runs the Llama-family forward pass with a compiled kernel library through the TVM runtime.
+
+    Decode (one token) uses the fixed-shape kernels; a prompt runs in chunks of up to `chunk` tokens
+    through the prefill kernels, so each weight matrix is read once per chunk rather than once per token.
+    """
 
     name = "tvm"
 
     def __init__(self, cfg: ModelConfig, weights: WeightStore, library: str | os.PathLike,
-                 threads: int | None = None):
+                 threads: int | None = None, chunk: int = 32):
         self.cfg = cfg
         self.weights = weights
         self.threads = threads
+        self.chunk = max(1, int(chunk))
         self.library = Path(library)
         self.lib = load_library(library)
         self._ready = False
@@ -179,6 +221,18 @@ class TvmBackend(Backend):
             raise EdgeLLMError(f"kernel library {self.library} has no function {name!r}",
                                "it was compiled for another model configuration; recompile it for this model") from None
 
+    def _set_threads(self, ffi) -> None:
+        """Threads for the kernels: `threads`, else the physical cores (llama.cpp's -t semantics).
+
+        TVM's pool sizes itself from TVM_NUM_THREADS when the process first runs a parallel kernel (and on
+        x86 otherwise assumes hyper-threading and uses half the CPUs), so set it before that, then configure.
+        """
+        import psutil
+        n = int(self.threads or psutil.cpu_count(logical=False) or os.cpu_count() or 1)
+        os.environ["TVM_NUM_THREADS"] = str(n)
+        ffi.get_global_func("runtime.config_threadpool")(1, n)   # 1 = kBig: all cores of the big cluster
+        self.threads_used = int(ffi.get_global_func("runtime.NumThreads")())
+
     def _weight(self, name: str) -> Buffer:
         return Buffer(np.asarray(self.weights.get(name), dtype=np.float32))
 
@@ -187,8 +241,7 @@ class TvmBackend(Backend):
         if self._ready:
             return
         ffi = _runtime()
-        if self.threads:
-            ffi.get_global_func("runtime.config_threadpool")(1, int(self.threads))  # 1: all (big) cores
+        self._set_threads(ffi)
         c = self.cfg
         names = kernel_names(c)
         try:
@@ -196,18 +249,13 @@ class TvmBackend(Backend):
         except Exception:  # noqa: BLE001
             raise EdgeLLMError(f"kernel library {self.library} was not compiled for this model configuration "
                                f"(no {names['signature']})", "recompile the kernels for this model") from None
-        self.k_mm = {shape: self._fn(n) for shape, n in names["matmul"].items()}
-        self.k_rms = self._fn(names["rms_norm"])
-        self.k_swiglu = self._fn(names["swiglu"])
-        self.k_rope_q = self._fn(names["rope_q"])
-        self.k_rope_k = self._fn(names["rope_k"])
-        self.k_attn = self._fn(names["attention"])
+        self.decode_k = _Kernels(self._fn, names["decode"])
+        self.prefill_k = _Kernels(self._fn, names["prefill"])
 
         self.layers = []
         for i in range(c.n_layers):
             p = f"blk.{i}."
-            L = {n: self._weight(p + n + ".weight").t for n in
-                 ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")}
+            L = {n: self._weight(p + n + ".weight").t for n in LAYER_WEIGHTS}
             L["bias"] = {n: self.weights.get(p + n + ".bias") for n in ("attn_q", "attn_k", "attn_v")
                          if c.attn_bias and (p + n + ".bias") in self.weights}
             self.layers.append(L)
@@ -216,12 +264,12 @@ class TvmBackend(Backend):
         self.w_out = embd.t if c.tied_embeddings else self._weight("output.weight").t
         self.w_out_norm = self._weight("output_norm.weight").t
 
-        qd, kvd = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
-        self.x, self.h, self.o = Buffer((1, c.dim)), Buffer((1, c.dim)), Buffer((1, c.dim))
-        self.q, self.qr, self.a = Buffer((1, qd)), Buffer((1, qd)), Buffer((1, qd))
-        self.k, self.kr, self.v = Buffer((1, kvd)), Buffer((1, kvd)), Buffer((1, kvd))
-        self.g, self.u, self.gu = Buffer((1, c.ffn_dim)), Buffer((1, c.ffn_dim)), Buffer((1, c.ffn_dim))
-        self.logits = Buffer((1, c.vocab_size))
+        qd, kvd, R = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, self.chunk
+        self.acts = {n: Buffer((R, width)) for n, width in
+                     (("x", c.dim), ("h", c.dim), ("o", c.dim), ("q", qd), ("qr", qd), ("a", qd), ("k", kvd),
+                      ("kr", kvd), ("v", kvd), ("g", c.ffn_dim), ("u", c.ffn_dim), ("gu", c.ffn_dim),
+                      ("logits", c.vocab_size))}
+        self.last = Buffer((1, c.dim))          # the last position's hidden state, for last-only logits
         self._rope_n = 0
         self._ready = True
 
@@ -237,44 +285,51 @@ class TvmBackend(Backend):
     def new_cache(self, n_ctx: int) -> KVCache:
         return TvmKVCache(self.cfg, n_ctx)
 
-    def _step(self, token: int, pos: int, kv: TvmKVCache) -> None:
-        """One token through every layer; the residual stream ends in self.x."""
-        c, mm = self.cfg, self.k_mm
+    def _run(self, tokens: np.ndarray, pos: int, kv: TvmKVCache, logits: str | None) -> np.ndarray | None:
+        """One chunk of T tokens through every layer; logits of "all" rows, of the "last" row, or None."""
+        c, T = self.cfg, len(tokens)
+        K = self.decode_k if T == 1 else self.prefill_k
+        a = {n: b.rows(T) for n, b in self.acts.items()}
+        x, h, o, q, k, v = a["x"], a["h"], a["o"], a["q"], a["k"], a["v"]
         qd, kvd = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
-        x, h, o, q, k, v = self.x, self.h, self.o, self.q, self.k, self.v
         cos, sin = self._rope(kv.n_ctx)
-        x.np[0] = self.embd[token]
+        kv_shape = (T, c.n_kv_heads, c.head_dim)
+        x.np[:] = self.embd[tokens]
         for i, L in enumerate(self.layers):
-            self.k_rms(x.t, L["attn_norm"], h.t)
-            mm[(qd, c.dim)](h.t, L["attn_q"], q.t)
-            mm[(kvd, c.dim)](h.t, L["attn_k"], k.t)
-            mm[(kvd, c.dim)](h.t, L["attn_v"], v.t)
+            K.rms(x.t, L["attn_norm"], h.t)
+            K.mm[(qd, c.dim)](h.t, L["attn_q"], q.t)
+            K.mm[(kvd, c.dim)](h.t, L["attn_k"], k.t)
+            K.mm[(kvd, c.dim)](h.t, L["attn_v"], v.t)
             if L["bias"]:
                 q.np += L["bias"]["attn_q"]
                 k.np += L["bias"]["attn_k"]
                 v.np += L["bias"]["attn_v"]
-            self.k_rope_q(q.t, cos, sin, pos, self.qr.t)
-            self.k_rope_k(k.t, cos, sin, pos, self.kr.t)
-            shape = (1, c.n_kv_heads, c.head_dim)
-            kv.update(i, pos, self.kr.np.reshape(shape), v.np.reshape(shape))
-            self.k_attn(self.qr.t, kv.tk, kv.tv, i, pos + 1, self.a.t)
-            mm[(c.dim, qd)](self.a.t, L["attn_output"], o.t)
+            K.rope_q(q.t, cos, sin, pos, a["qr"].t)
+            K.rope_k(k.t, cos, sin, pos, a["kr"].t)
+            kv.update(i, pos, a["kr"].np.reshape(kv_shape), v.np.reshape(kv_shape))
+            K.attn(a["qr"].t, kv.tk, kv.tv, i, pos, a["a"].t)
+            K.mm[(c.dim, qd)](a["a"].t, L["attn_output"], o.t)
             x.np += o.np
-            self.k_rms(x.t, L["ffn_norm"], h.t)
-            mm[(c.ffn_dim, c.dim)](h.t, L["ffn_gate"], self.g.t)
-            mm[(c.ffn_dim, c.dim)](h.t, L["ffn_up"], self.u.t)
-            self.k_swiglu(self.g.t, self.u.t, self.gu.t)
-            mm[(c.dim, c.ffn_dim)](self.gu.t, L["ffn_down"], o.t)
+            K.rms(x.t, L["ffn_norm"], h.t)
+            K.mm[(c.ffn_dim, c.dim)](h.t, L["ffn_gate"], a["g"].t)
+            K.mm[(c.ffn_dim, c.dim)](h.t, L["ffn_up"], a["u"].t)
+            K.swiglu(a["g"].t, a["u"].t, a["gu"].t)
+            K.mm[(c.dim, c.ffn_dim)](a["gu"].t, L["ffn_down"], o.t)
             x.np += o.np
-
-    def _logits(self) -> np.ndarray:
-        c = self.cfg
-        self.k_rms(self.x.t, self.w_out_norm, self.h.t)
-        self.k_mm[(c.vocab_size, c.dim)](self.h.t, self.w_out, self.logits.t)
-        return self.logits.np.copy()
+        if logits is None:
+            return None
+        if logits == "all":
+            K.rms(x.t, self.w_out_norm, h.t)
+            K.mm[(c.vocab_size, c.dim)](h.t, self.w_out, a["logits"].t)
+            return a["logits"].np.copy()
+        self.last.np[0] = x.np[-1]
+        d, hl, lg = self.decode_k, self.acts["h"].rows(1), self.acts["logits"].rows(1)
+        d.rms(self.last.t, self.w_out_norm, hl.t)
+        d.mm[(c.vocab_size, c.dim)](hl.t, self.w_out, lg.t)
+        return lg.np.copy()
 
     def forward(self, tokens, pos, kv, all_logits=False):
-        """Tokens at positions pos.. one at a time (decode kernels); logits [T, vocab] or [1, vocab]."""
+        """Tokens at positions pos..: logits [T, vocab] (all_logits) or [1, vocab] for the last position."""
         if not isinstance(kv, TvmKVCache):
             raise EdgeLLMError("the tvm backend needs a KV cache from its own new_cache()",
                                "create the cache with backend.new_cache(n_ctx)")
@@ -284,10 +339,13 @@ class TvmBackend(Backend):
             raise EdgeLLMError(f"context full: {pos + len(tokens)} tokens do not fit in n_ctx={kv.n_ctx}",
                                "pass a larger n_ctx (--ctx) or a shorter prompt / max_tokens")
         out = []
-        for j, tok in enumerate(tokens):
-            self._step(int(tok), pos + j, kv)
-            if all_logits or j == len(tokens) - 1:
-                out.append(self._logits())
+        for start in range(0, len(tokens), self.chunk):
+            chunk = tokens[start:start + self.chunk]
+            last = start + len(chunk) == len(tokens)
+            want = "all" if all_logits else ("last" if last else None)
+            logits = self._run(chunk, pos + start, kv, want)
+            if logits is not None:
+                out.append(logits)
         return np.concatenate(out, axis=0)
 
 
@@ -306,7 +364,9 @@ def greedy(backend: Backend, prompt_ids, n_tokens: int, n_ctx: int | None = None
 
 
 def main(argv=None) -> int:
-    """`python -m edgellm.runtime.tvm_backend --model M --library L --prompt P`: greedy ids as JSON (device smoke test)."""
+    """`python -m edgellm.runtime.tvm_backend --model M --library L --prompt P`: greedy ids as JSON.
+
+    A device smoke test of the kernels alone (no bundle needed); tests run it under qemu for ARM."""
     import argparse
     import json
     import time

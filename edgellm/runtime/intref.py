@@ -1,0 +1,654 @@
+"""Integer reference forward of a quantized model (the oracle for integer kernels on NPUs, FPGAs, small CPUs).
+
+Two modes over the same quantized weights (a `QuantizedModel` made by `edgellm.compiler.quantize`):
+- "mixed": matmuls see quantized weights and int8-rounded activations; norms, softmax, SiLU, RoPE stay float.
+- "integer": after the embedding lookup every array on the inference path is an integer. Matmuls are
+  int8 x int (int8 or unpacked int4 times its fp16 group-scale mantissa) with integer accumulators, requantized
+  with dyadic multipliers m * 2^-s; RMSNorm uses an integer Newton square root, softmax and SiLU use I-BERT's
+  integer exponential, RoPE uses Q15 sin/cos tables, and the residual stream is int32 with 2^-F scale chosen
+  by calibration. Only the returned logits are converted to float, at the API boundary.
+
+Integer matmuls are computed exactly: every product and partial sum is an integer below 2^53, so float64 BLAS
+returns the same integers as an int64 loop (checked at prepare time, and by tests against plain int64 matmul).
+This module runs on the device, so it never imports edgellm.compiler.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import EdgeLLMError
+from .config import ModelConfig
+from .kv_cache import KVCache
+from .model import apply_rope, attention, rms_norm, rope_tables, silu
+
+SCHEMES = {"w8a8": (8, 8), "w4a8": (4, 8), "w8a16": (8, 16), "w4a16": (4, 16)}
+GROUP_SIZES = (32, 64, 128)
+LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+SCORE_F = 12        # fixed-point fraction bits of attention scores and exp inputs
+NORM_F = 14         # fraction bits of x / rms
+SIG_F = 16          # fraction bits of the integer sigmoid
+ATTN_F = 20         # fraction bits of the attention output (input of attn_output)
+
+
+@dataclass
+class QuantConfig:
+    """What to quantize and how. Validated on construction so a bad CLI flag fails before any work."""
+
+    scheme: str = "w8a8"
+    group_size: int | None = None     # w4 only: 32, 64 or 128 (None -> 64)
+    symmetric: bool = True            # w4 only: symmetric (scale) or asymmetric (scale + zero point)
+    zero: str = "int"                 # asymmetric w4: "int" 4-bit zero point, or "fp16" group minimum (as Q4_1)
+    act: str = "dynamic"              # int8 activations: "dynamic" per token, or "static" calibrated per tensor
+    kv_int8: bool = False             # int8 KV cache (always on in integer-only mode)
+    smooth: bool = True               # SmoothQuant / AWQ per-channel scale migration, searched per layer
+    qk_smooth: bool = True            # balance q and k channel ranges (per RoPE pair) before int8 q/k/KV
+    clip_search: bool = True          # per-channel (per-group) weight clipping search
+    prob_bits: int = 16               # integer softmax output bits (8: uint8 probabilities)
+    calib_tokens: int = 2048
+
+    def __post_init__(self):
+        s = str(self.scheme).lower()
+        m = re.fullmatch(r"w(\d+)a(\d+)", s)
+        valid = ", ".join(SCHEMES)
+        if m and m.group(2) == "4":
+            raise EdgeLLMError(f"scheme {self.scheme!r} asks for int4 activations, which are not supported",
+                               f"activations are int8 (a8) or float (a16); valid schemes: {valid}")
+        if s not in SCHEMES:
+            raise EdgeLLMError(f"unknown quantization scheme {self.scheme!r}", f"choose one of: {valid}")
+        self.scheme = s
+        if self.w_bits == 4:
+            if self.group_size is None:
+                self.group_size = 64
+            if self.group_size not in GROUP_SIZES:
+                raise EdgeLLMError(f"group size {self.group_size} is not supported for {s}",
+                                   f"choose --group-size from {', '.join(map(str, GROUP_SIZES))}")
+        elif self.group_size is not None:
+            raise EdgeLLMError(f"{s} quantizes weights per output channel; a group size does not apply",
+                               "drop --group-size, or use w4a8 / w4a16 with --group-size 32, 64 or 128")
+        elif not self.symmetric:
+            raise EdgeLLMError("asymmetric weights are only offered for 4-bit schemes", "drop --asym for w8 schemes")
+        if self.zero not in ("int", "fp16"):
+            raise EdgeLLMError(f"unknown zero-point type {self.zero!r}", "choose zero='int' (4-bit) or zero='fp16'")
+        if self.act not in ("dynamic", "static"):
+            raise EdgeLLMError(f"unknown activation mode {self.act!r}", "choose act='dynamic' or act='static'")
+        if self.prob_bits not in (8, 16):
+            raise EdgeLLMError(f"prob_bits={self.prob_bits} is not supported", "choose 8 or 16")
+
+    @property
+    def w_bits(self) -> int:
+        return SCHEMES[self.scheme][0]
+
+    @property
+    def a_bits(self) -> int:
+        return SCHEMES[self.scheme][1]
+
+    @property
+    def label(self) -> str:
+        asym = "" if self.symmetric else ("-asym" if self.zero == "int" else "-fmin")
+        g = f"-g{self.group_size}{asym}" if self.w_bits == 4 else ""
+        return self.scheme + g
+
+
+# --- weight formats ------------------------------------------------------------------------------
+
+def pack_int4(q: np.ndarray) -> np.ndarray:
+    """Unsigned nibbles [rows, cols] (0..15) -> bytes [rows, cols/2]; even column in the low nibble."""
+    q = q.astype(np.uint8)
+    return (q[:, 0::2] | (q[:, 1::2] << 4)).astype(np.uint8)
+
+
+def unpack_int4(p: np.ndarray) -> np.ndarray:
+    out = np.empty((p.shape[0], p.shape[1] * 2), dtype=np.uint8)
+    out[:, 0::2] = p & 15
+    out[:, 1::2] = p >> 4
+    return out
+
+
+def weight_codes(t: dict, name: str, qc: QuantConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(integer codes q [out, in] int16, scales, zero points or None) of a stored linear weight."""
+    if qc.w_bits == 8:
+        return t[name + ".q"].astype(np.int16), t[name + ".scale"], None
+    u = unpack_int4(t[name + ".q"]).astype(np.int16)
+    if qc.symmetric:
+        return u - 8, t[name + ".scale"], None
+    if qc.zero == "fp16":
+        return u, t[name + ".scale"], t[name + ".min"]
+    return u, t[name + ".scale"], t[name + ".zero"].astype(np.int16)
+
+
+def dequantize_linear(t: dict, name: str, qc: QuantConfig) -> np.ndarray:
+    q, s, z = weight_codes(t, name, qc)
+    if qc.w_bits == 8:
+        return (q * s[:, None]).astype(np.float32)
+    g = qc.group_size
+    qg = q.reshape(q.shape[0], -1, g).astype(np.float32)
+    if z is not None and z.dtype == np.float16:
+        return (qg * s.astype(np.float32)[..., None] + z.astype(np.float32)[..., None]).reshape(q.shape)
+    if z is not None:
+        qg = qg - z[..., None]
+    return (qg * s.astype(np.float32)[..., None]).reshape(q.shape)
+
+
+def linear_nbytes(shape: tuple[int, int], qc: QuantConfig, bits: int | None = None) -> int:
+    """Stored bytes of one weight matrix in its packed format (codes + fp16/fp32 scales + 4-bit zeros)."""
+    rows, cols = shape
+    bits = bits or qc.w_bits
+    if bits == 8:
+        return rows * cols + rows * 4
+    n_groups = rows * (cols // qc.group_size)
+    zero = 0 if qc.symmetric else ((n_groups + 1) // 2 if qc.zero == "int" else n_groups * 2)
+    return rows * cols // 2 + n_groups * 2 + zero
+
+
+# --- the quantized model container ---------------------------------------------------------------
+
+@dataclass
+class QuantizedModel:
+    """Integer weights, scales, smoothed norm weights, calibrated fixed-point formats: all numpy arrays."""
+
+    config: ModelConfig
+    qconfig: QuantConfig
+    tensors: dict[str, np.ndarray]
+    report: dict = field(default_factory=dict)
+
+    def linear_names(self) -> list[str]:
+        return [f"blk.{i}.{n}.weight" for i in range(self.config.n_layers) for n in LINEARS]
+
+    def block_bits_per_weight(self) -> float:
+        """Bits per weight over the transformer blocks' matrices, scales and zero points included."""
+        n = b = 0
+        for name in self.linear_names():
+            shape = self.tensors[name + ".q"].shape
+            shape = (shape[0], shape[1] * (2 if self.qconfig.w_bits == 4 else 1))
+            n += shape[0] * shape[1]
+            b += linear_nbytes(shape, self.qconfig)
+        return 8.0 * b / n
+
+    def nbytes(self) -> int:
+        """Bytes of the whole model as stored (int8 embedding/head, float norm vectors, calibration constants)."""
+        total = 0
+        for k, a in self.tensors.items():
+            if k.endswith(".q") and k != "token_embd.q" and self.qconfig.w_bits == 4:
+                shape = (a.shape[0], a.shape[1] * 2)
+                total += linear_nbytes(shape, self.qconfig)
+            elif k.endswith(".zero") or k.endswith(".min") or (k.endswith(".scale") and self.qconfig.w_bits == 4 and k != "token_embd.scale"):
+                continue   # counted with their codes
+            else:
+                total += a.nbytes
+        return total
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        meta = {"config": self.config.to_dict(), "qconfig": asdict(self.qconfig), "report": self.report}
+        np.savez(path, __meta__=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8), **self.tensors)
+        return path if path.suffix == ".npz" else path.with_suffix(path.suffix + ".npz")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "QuantizedModel":
+        with np.load(path) as z:
+            meta = json.loads(bytes(z["__meta__"]).decode())
+            tensors = {k: z[k] for k in z.files if k != "__meta__"}
+        return cls(ModelConfig.from_dict(meta["config"]), QuantConfig(**meta["qconfig"]), tensors, meta["report"])
+
+
+# --- integer primitives --------------------------------------------------------------------------
+
+_TRACE: list | None = None
+
+
+@contextmanager
+def trace_integers():
+    """Record (name, dtype) of every array the integer-only forward produces; tests assert they are ints."""
+    global _TRACE
+    _TRACE = []
+    try:
+        yield _TRACE
+    finally:
+        _TRACE = None
+
+
+def _t(name: str, a: np.ndarray) -> np.ndarray:
+    if _TRACE is not None:
+        _TRACE.append((name, a.dtype))
+        if not np.issubdtype(a.dtype, np.integer):
+            raise AssertionError(f"integer-only path produced {a.dtype} at {name}")
+    return a
+
+
+def rshift_round(x: np.ndarray, s) -> np.ndarray:
+    """round(x * 2^-s) with halves rounded up, for int64 x and integer shift(s) s (s <= 0 shifts left)."""
+    x = np.asarray(x, dtype=np.int64)
+    s = np.asarray(s, dtype=np.int64)
+    if s.ndim == 0 and s <= 0:
+        return x << -s
+    pos = np.clip(s, 1, 62)
+    r = (x + (np.int64(1) << (pos - 1))) >> pos
+    return np.where(s > 0, r, x << np.maximum(-s, 0)) if s.ndim else r
+
+
+def round_div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """round(a / b) (halves up) for int64 a and positive int64 b, with integer floor division."""
+    a = np.asarray(a, dtype=np.int64)
+    b = np.asarray(b, dtype=np.int64)
+    return (2 * a + b) // (2 * b)
+
+
+def bitlen(x: np.ndarray) -> np.ndarray:
+    """Number of bits of non-negative int64 x (0 for 0), by binary search with shifts."""
+    x = np.asarray(x, dtype=np.int64)
+    n = np.zeros(x.shape, dtype=np.int64)
+    for k in (32, 16, 8, 4, 2, 1):
+        big = (x >> k) > 0
+        n = n + np.where(big, k, 0)
+        x = np.where(big, x >> k, x)
+    return n + (x > 0)
+
+
+def isqrt(n: np.ndarray) -> np.ndarray:
+    """floor(sqrt(n)) for non-negative int64 n by Newton's iteration from a power-of-two upper bound."""
+    n = np.asarray(n, dtype=np.int64)
+    x = np.int64(1) << ((bitlen(n) + 1) // 2)
+    for _ in range(40):
+        y = (x + n // np.maximum(x, 1)) >> 1
+        done = y >= x
+        if done.all():
+            break
+        x = np.where(done, x, y)
+    return np.where(n > 0, x, 0)
+
+
+def dyadic(r, bits: int = 31) -> tuple[np.ndarray, np.ndarray]:
+    """Real multiplier(s) r > 0 -> (m, s) with r ~= m * 2^-s and 2^(bits-1) <= m < 2^bits (compile time)."""
+    r = np.asarray(r, dtype=np.float64)
+    mant, e = np.frexp(r)                       # r = mant * 2^e, mant in [0.5, 1)
+    m = np.rint(mant * 2.0 ** bits).astype(np.int64)
+    s = (bits - e).astype(np.int64)
+    over = m >= (1 << bits)                     # mantissa rounded up to 2^bits
+    m = np.where(over, m >> 1, m)
+    s = np.where(over, s - 1, s)
+    return np.where(r > 0, m, 0), np.where(r > 0, s, 0)
+
+
+def requant(acc: np.ndarray, m: np.ndarray, s: np.ndarray, pre: int = 0) -> np.ndarray:
+    """round(acc * m * 2^-s): acc is first rounded down by `pre` bits so acc * m stays below 2^63."""
+    a = rshift_round(acc, pre) if pre else np.asarray(acc, dtype=np.int64)
+    return rshift_round(a * m, s - pre)
+
+
+def quant_dynamic(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row int8 quantization of integers z: q = round(127 z / amax). Returns (q int8, amax int64 [rows, 1])."""
+    z = np.asarray(z, dtype=np.int64)
+    amax = np.abs(z).max(axis=-1, keepdims=True)
+    q = round_div(127 * z, np.maximum(amax, 1))
+    return q.astype(np.int8), amax
+
+
+def int_matmul(a: np.ndarray, bt: np.ndarray, bound: float | None = None) -> np.ndarray:
+    """Exact a @ bt.T for integer arrays, as int64. float64 BLAS is exact while |partial sums| < 2^53."""
+    if bound is None:
+        bound = float(np.abs(a).max(initial=0)) * float(np.abs(bt).max(initial=0)) * a.shape[-1]
+    if bound >= 2.0 ** 53:
+        return np.asarray(a, dtype=np.int64) @ np.asarray(bt, dtype=np.int64).T
+    bf = bt if bt.dtype == np.float64 else bt.astype(np.float64)
+    return (a.astype(np.float64) @ bf.T).astype(np.int64)
+
+
+def exp_consts(f: int) -> tuple[int, int, int, int]:
+    """I-BERT i-exp constants at input scale 2^-f: (ln2, b, c, one), exp(x) ~= ((p+b)^2 + c) / one."""
+    a, b, c = 0.3585, 1.353, 0.344
+    return (int(math.floor(math.log(2) * 2 ** f)), int(math.floor(b * 2 ** f)),
+            int(math.floor(c / a * 2 ** (2 * f))), int(round(2 ** (2 * f) / a)))
+
+
+def int_exp(x: np.ndarray, f: int) -> tuple[np.ndarray, int]:
+    """I-BERT integer exp of x <= 0 at scale 2^-f: exp(x) ~= out / one (second-order polynomial + shift)."""
+    q_ln2, q_b, q_c, one = exp_consts(f)
+    x = np.maximum(np.asarray(x, dtype=np.int64), -q_ln2 * 60)
+    z = (-x) // q_ln2
+    p = x + z * q_ln2                           # in (-ln2, 0]
+    poly = (p + q_b) * (p + q_b) + q_c
+    return poly >> np.minimum(z, 62), one
+
+
+def int_softmax(s: np.ndarray, f: int, bits: int, mask: np.ndarray | None = None) -> np.ndarray:
+    """Integer softmax over the last axis of scores s (scale 2^-f); probabilities scaled by 2^bits - 1."""
+    s = np.asarray(s, dtype=np.int64)
+    if mask is not None:
+        s = np.where(mask, np.iinfo(np.int64).min // 4, s)
+    e, _ = int_exp(s - s.max(axis=-1, keepdims=True), f)
+    if mask is not None:
+        e = np.where(mask, 0, e)
+    tot = e.sum(axis=-1, keepdims=True)
+    return round_div(e * ((1 << bits) - 1), tot)
+
+
+def int_sigmoid(x: np.ndarray, f: int) -> np.ndarray:
+    """sigmoid(x) * 2^SIG_F for x at scale 2^-f, from the integer exp of -|x| and one integer division."""
+    x = np.asarray(x, dtype=np.int64)
+    fe = min(f, SCORE_F)
+    xe = rshift_round(x, f - fe)
+    e, one = int_exp(-np.abs(xe), fe)
+    num = np.where(xe >= 0, one, e)
+    return round_div(num << SIG_F, one + e)
+
+
+def int_silu(x: np.ndarray, f: int) -> np.ndarray:
+    """x * sigmoid(x) at the same scale 2^-f."""
+    return rshift_round(np.asarray(x, dtype=np.int64) * int_sigmoid(x, f), SIG_F)
+
+
+def rope_q15(cfg: ModelConfig, n_ctx: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin tables as int16 Q15 for positions 0..n_ctx-1 (a compile-time constant table)."""
+    c, s = rope_tables(cfg, np.arange(n_ctx))
+    q = lambda a: np.clip(np.rint(a.astype(np.float64) * 32768), -32767, 32767).astype(np.int16)
+    return q(c), q(s)
+
+
+def int_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, neox: bool, rope_dim: int) -> np.ndarray:
+    """RoPE on int64 x [T, heads, d] with Q15 tables [T, rope_dim/2]: (a c - b s) >> 15, (a s + b c) >> 15."""
+    out = x.copy()
+    c, s = cos[:, None, :].astype(np.int64), sin[:, None, :].astype(np.int64)
+    if neox:
+        h = rope_dim // 2
+        ia, ib = slice(0, h), slice(h, rope_dim)
+    else:
+        ia, ib = slice(0, rope_dim, 2), slice(1, rope_dim, 2)
+    a, b = x[..., ia], x[..., ib]
+    out[..., ia] = rshift_round(a * c - b * s, 15)
+    out[..., ib] = rshift_round(a * s + b * c, 15)
+    return out
+
+
+def norm_gamma(gamma: np.ndarray) -> tuple[np.ndarray, int]:
+    """RMSNorm weight as integers g * 2^-gb with |g| < 2^20."""
+    gb = 19 - int(math.ceil(math.log2(float(np.abs(gamma).max()) + 1e-30)))
+    return np.rint(gamma.astype(np.float64) * 2.0 ** gb).astype(np.int64), gb
+
+
+def linear_io(t: dict, i: int, n: str) -> tuple[float, int]:
+    """(real scale of one unit of the integer input, fraction bits of the output) of linear n in block i."""
+    p = f"blk.{i}."
+    if n in ("attn_q", "attn_k", "attn_v", "ffn_gate", "ffn_up"):
+        gamma = t[p + ("attn_norm" if n.startswith("attn") else "ffn_norm") + ".weight"]
+        out = {"attn_q": "q", "attn_k": "k", "attn_v": "v", "ffn_gate": "gate", "ffn_up": "up"}[n]
+        return 2.0 ** -(NORM_F + norm_gamma(gamma)[1]), int(t[p + "int.F_" + out])
+    if n == "attn_output":
+        return 2.0 ** -ATTN_F, int(t["int.F_res"])
+    return 2.0 ** -int(t[p + "int.F_h"]), int(t["int.F_res"])
+
+
+def _fp16_parts(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """fp16 values as exact (integer mantissa, exponent): a = mant * 2^e with |mant| <= 2^11 (load time)."""
+    mant, e = np.frexp(a.astype(np.float64))
+    return np.rint(mant * 2048).astype(np.int64), e.astype(np.int64) - 11
+
+
+# --- integer linear layers -----------------------------------------------------------------------
+
+@dataclass
+class IntLinear:
+    """An integer weight matrix w [out, in] (held as exact float64 for BLAS) and its per-row real scale."""
+
+    w: np.ndarray
+    row_scale: np.ndarray      # real value of one unit of w in row j
+    acc_bits: int              # bits of the largest possible |accumulator| with int8 inputs
+
+    @classmethod
+    def build(cls, t: dict, name: str, qc: QuantConfig, max_shift: int = 20) -> "IntLinear":
+        q, s, z = weight_codes(t, name, qc)
+        if qc.w_bits == 8:
+            w, row = q.astype(np.float64), s.astype(np.float64)
+        else:
+            # fp16 group scale = mant * 2^e exactly; expand (q - z) * mant << (e - e_row_min) to one int matrix
+            g = qc.group_size
+            mant, e = _fp16_parts(s)
+            fmin = z is not None and z.dtype == np.float16
+            if fmin:
+                mm, em = _fp16_parts(z)
+            big = np.iinfo(np.int64).max
+            e_live = np.where(mant != 0, e, big)
+            if fmin:
+                e_live = np.minimum(e_live, np.where(mm != 0, em, big))
+            base = np.minimum(e_live.min(axis=1, keepdims=True), e.max(axis=1, keepdims=True))
+            sh = e - base
+            qg = q.reshape(q.shape[0], -1, g).astype(np.int64)
+            if z is not None and not fmin:
+                qg = qg - z[..., None]
+            wi = (qg * mant[..., None]) << sh[..., None]
+            if fmin:
+                wi = wi + (mm << np.maximum(em - base, 0))[..., None]
+            if max(int(sh.max()), 0) > max_shift:
+                raise EdgeLLMError(f"{name}: group scales span more than 2^{max_shift}", "re-quantize the model")
+            w = wi.reshape(q.shape).astype(np.float64)
+            row = np.ldexp(1.0, base[:, 0]).astype(np.float64)
+        bound = 127.0 * np.abs(w).max(initial=1) * w.shape[1]
+        if bound >= 2.0 ** 53:
+            raise EdgeLLMError(f"{name}: integer accumulators could exceed 2^53", "re-quantize with clipping")
+        return cls(w, row, int(math.ceil(math.log2(bound + 1))))
+
+    def constants(self, in_scale: float, out_f: int) -> tuple[np.ndarray, np.ndarray, int]:
+        """Dyadic requant (m, s, pre) of acc * amax: real = row_scale * in_scale * 2^out_f / 127 (compile time)."""
+        m, s = dyadic(self.row_scale * in_scale * 2.0 ** out_f / 127.0, 31)
+        pre = max(0, self.acc_bits + 16 - 31)
+        return m, s, pre
+
+    def __call__(self, z: np.ndarray, consts) -> np.ndarray:
+        """z: integer activations [T, in]; per-token int8 quantization, integer matmul, dyadic requant."""
+        m, s, pre = consts
+        q, amax = quant_dynamic(z)
+        sa = np.maximum(bitlen(amax) - 16, 0)                 # keep amax to 16 significant bits
+        a16 = rshift_round(amax, sa)
+        acc = _t("acc", int_matmul(q, self.w, bound=2.0 ** self.acc_bits))
+        prod = acc * a16                                      # < 2^(acc_bits + 16)
+        return _t("requant", requant(prod, m, s - sa, pre))
+
+
+# --- the forward passes --------------------------------------------------------------------------
+
+class IntKVCache(KVCache):
+    """int8 keys with per-(token, head) integer amax, int8 values with static per-channel scales."""
+
+    def __init__(self, cfg: ModelConfig, n_ctx: int):
+        self.n_ctx = n_ctx
+        shape = (cfg.n_layers, n_ctx, cfg.n_kv_heads, cfg.head_dim)
+        self.k = np.zeros(shape, dtype=np.int8)
+        self.v = np.zeros(shape, dtype=np.int8)
+        self.kamax = np.zeros(shape[:3], dtype=np.int64)
+        self.length = 0
+
+    def update_int(self, layer, pos, k8, kamax, v8):
+        end = pos + k8.shape[0]
+        if end > self.n_ctx:
+            raise EdgeLLMError(f"context full: {end} tokens do not fit in n_ctx={self.n_ctx}",
+                               "pass a larger n_ctx (--ctx) or a shorter prompt / max_tokens")
+        self.k[layer, pos:end], self.kamax[layer, pos:end], self.v[layer, pos:end] = k8, kamax, v8
+        if layer == self.k.shape[0] - 1:
+            self.length = end
+        return self.k[layer, :end], self.kamax[layer, :end], self.v[layer, :end]
+
+
+def fake_quant_tokens(x: np.ndarray, scale: float | None = None) -> np.ndarray:
+    """Round activations to int8 and back: per token (dynamic) or with a calibrated per-tensor scale."""
+    if scale is None:
+        d = np.abs(x).max(axis=-1, keepdims=True) / np.float32(127)
+        d = np.where(d == 0, np.float32(1), d)
+    else:
+        d = np.float32(scale)
+    return (np.clip(np.rint(x / d), -127, 127) * d).astype(np.float32)
+
+
+class IntTransformer:
+    """Runs a QuantizedModel in "mixed" (float nonlinearities) or "integer" (integer-only) mode."""
+
+    def __init__(self, qm: QuantizedModel, mode: str = "integer"):
+        if mode not in ("mixed", "integer"):
+            raise EdgeLLMError(f"unknown integer-reference mode {mode!r}", "choose 'mixed' or 'integer'")
+        qc = qm.qconfig
+        if mode == "integer" and qc.a_bits != 8:
+            raise EdgeLLMError(f"{qc.scheme} keeps float activations and cannot run integer-only",
+                               "use w8a8 or w4a8 for --integer-only, or mixed mode for weight-only schemes")
+        self.qm, self.cfg, self.qc, self.mode = qm, qm.config, qc, mode
+        self._ready = False
+
+    # shared -------------------------------------------------------------------------------------
+    def prepare(self) -> None:
+        if self._ready:
+            return
+        t, qc = self.qm.tensors, self.qc
+        self.emb_q, self.emb_s = t["token_embd.q"], t["token_embd.scale"]
+        hq, hs = t.get("output.q", self.emb_q), t.get("output.scale", self.emb_s)   # tied models share the table
+        head = IntLinear(hq.astype(np.float64), hs.astype(np.float64),
+                         int(math.ceil(math.log2(127.0 * 127 * self.cfg.dim + 1))))
+        if self.mode == "mixed":
+            self.w = {n: dequantize_linear(t, n, qc) for n in self.qm.linear_names()}
+            self.w["head"] = (hq * hs[:, None]).astype(np.float32)
+        else:
+            self._prepare_integer(head)
+        self._ready = True
+
+    def new_cache(self, n_ctx: int):
+        return IntKVCache(self.cfg, n_ctx) if self.mode == "integer" else KVCache(self.cfg, n_ctx)
+
+    def forward(self, tokens, pos: int, kv, all_logits: bool = False) -> np.ndarray:
+        self.prepare()
+        tokens = np.asarray(tokens, dtype=np.int64)
+        if self.mode == "mixed":
+            return self._forward_mixed(tokens, pos, kv, all_logits)
+        logits = self._forward_int(tokens, pos, kv, all_logits)
+        return logits.astype(np.float32) * np.float32(2.0 ** -int(self.qm.tensors["int.F_logit"]))
+
+    # mixed --------------------------------------------------------------------------------------
+    def _lin(self, x: np.ndarray, name: str) -> np.ndarray:
+        if self.qc.a_bits == 8:
+            st = self.qm.tensors.get(name + ".act_scale") if self.qc.act == "static" else None
+            x = fake_quant_tokens(x, None if st is None else float(st))
+        return x @ self.w[name].T
+
+    def _forward_mixed(self, tokens, pos, kv, all_logits):
+        c, t = self.cfg, self.qm.tensors
+        x = (self.emb_q[tokens] * self.emb_s[tokens, None]).astype(np.float32)
+        cos, sin = rope_tables(c, np.arange(pos, pos + len(tokens)))
+        T = len(tokens)
+        for i in range(c.n_layers):
+            p = f"blk.{i}."
+            h = rms_norm(x, t[p + "attn_norm.weight"], c.norm_eps)
+            q = self._lin(h, p + "attn_q.weight").reshape(T, c.n_heads, c.head_dim)
+            k = self._lin(h, p + "attn_k.weight").reshape(T, c.n_kv_heads, c.head_dim)
+            v = self._lin(h, p + "attn_v.weight").reshape(T, c.n_kv_heads, c.head_dim)
+            q = apply_rope(q, cos, sin, c.rope_neox, c.rope_dim)
+            k = apply_rope(k, cos, sin, c.rope_neox, c.rope_dim)
+            if self.qc.kv_int8:
+                k, v = fake_quant_tokens(k), fake_quant_tokens(v)
+            keys, values = kv.update(i, pos, k, v)
+            a = attention(q, keys, values, pos, c.n_rep)
+            x = x + self._lin(a, p + "attn_output.weight")
+            h = rms_norm(x, t[p + "ffn_norm.weight"], c.norm_eps)
+            g = silu(self._lin(h, p + "ffn_gate.weight")) * self._lin(h, p + "ffn_up.weight")
+            x = x + self._lin(g, p + "ffn_down.weight")
+        if not all_logits:
+            x = x[-1:]
+        h = rms_norm(x, t["output_norm.weight"], c.norm_eps)
+        return fake_quant_tokens(h) @ self.w["head"].T
+
+    # integer ------------------------------------------------------------------------------------
+    def _prepare_integer(self, head: IntLinear) -> None:
+        c, t, qc = self.cfg, self.qm.tensors, self.qc
+        F = lambda k: int(t[k])
+        self.f_res = F("int.F_res")
+        e_m, e_s = dyadic(self.emb_s.astype(np.float64) * 2.0 ** self.f_res, 31)
+        self.emb_m, self.emb_sh = e_m, e_s
+        self.eps_q = int(round(c.norm_eps * 2.0 ** (2 * self.f_res)))
+        self.layers = []
+        for i in range(c.n_layers):
+            p = f"blk.{i}."
+            L = {n: IntLinear.build(t, p + n + ".weight", qc) for n in LINEARS}
+            g1, g2 = norm_gamma(t[p + "attn_norm.weight"])[0], norm_gamma(t[p + "ffn_norm.weight"])[0]
+            fq, fk, fv, fg, fu, fh = (F(p + "int.F_" + n) for n in ("q", "k", "v", "gate", "up", "h"))
+            io = {n: linear_io(t, i, n) for n in LINEARS}
+            vs = t[p + "int.v_scale"].astype(np.float64)                    # real per channel of one v8 unit
+            vm, vsh = dyadic(2.0 ** -fv / vs, 31)                            # v_fx -> v8
+            # attention output channel (h, d) = sum_j p_ij v8_jd; real = acc * v_scale / (2^bits - 1)
+            vs_q = np.tile(vs.reshape(c.n_kv_heads, 1, c.head_dim), (1, c.n_rep, 1)).reshape(-1)
+            om, osh = dyadic(vs_q / ((1 << qc.prob_bits) - 1) * 2.0 ** ATTN_F, 20)
+            sc_m, sc_s = dyadic(2.0 ** SCORE_F / (127.0 * 127.0 * 2.0 ** (fq + fk) * math.sqrt(c.head_dim)), 15)
+            L.update(g1=g1, g2=g2, fq=fq, fk=fk, fv=fv, fg=fg, fu=fu, fh=fh, vm=vm, vsh=vsh, om=om, osh=osh,
+                     sc=(int(sc_m), int(sc_s)), shift_h=fg + fu - fh,
+                     **{"c_" + n: L[n].constants(*io[n]) for n in LINEARS})
+            self.layers.append(L)
+        self.g_out, gbo = norm_gamma(t["output_norm.weight"])
+        self.head = head
+        self.c_head = head.constants(2.0 ** -(NORM_F + gbo), F("int.F_logit"))
+
+    def _int_norm(self, x: np.ndarray, g: np.ndarray) -> np.ndarray:
+        """Integer RMSNorm: x / isqrt(mean(x^2) + eps) at 2^-NORM_F, times integer gamma (scale 2^-(NORM_F+gb))."""
+        amax = np.abs(x).max(axis=-1, keepdims=True)
+        r = np.maximum(bitlen(amax) - 20, 0)                              # per-token: keep |x >> r| < 2^20
+        xs = rshift_round(x, r)
+        ms = (xs * xs).sum(axis=-1, keepdims=True) // x.shape[-1]
+        rms = _t("rms", isqrt(ms + (self.eps_q >> (2 * r))))              # scale 2^-(F_res - r)
+        y = round_div(x << NORM_F, np.maximum(rms, 1) << r)
+        return _t("norm", y * g)
+
+    def _forward_int(self, tokens, pos, kv: IntKVCache, all_logits):
+        """Integer-only forward: int64 logits at scale 2^-F_logit."""
+        self.prepare()
+        c = self.cfg
+        T = len(tokens)
+        if not hasattr(self, "_rope") or self._rope[0].shape[0] < kv.n_ctx:
+            self._rope = rope_q15(c, kv.n_ctx)
+        cos, sin = self._rope[0][pos:pos + T], self._rope[1][pos:pos + T]
+        x = _t("embed", rshift_round(self.emb_q[tokens].astype(np.int64) * self.emb_m[tokens, None],
+                                     self.emb_sh[tokens, None]))
+        lim = np.int64((1 << 31) - 1)
+        for i, L in enumerate(self.layers):
+            h = self._int_norm(x, L["g1"])
+            q = L["attn_q"](h, L["c_attn_q"]).reshape(T, c.n_heads, c.head_dim)
+            k = L["attn_k"](h, L["c_attn_k"]).reshape(T, c.n_kv_heads, c.head_dim)
+            v = L["attn_v"](h, L["c_attn_v"]).reshape(T, c.n_kv_heads, c.head_dim)
+            q = _t("rope_q", int_rope(q, cos, sin, c.rope_neox, c.rope_dim))
+            k = _t("rope_k", int_rope(k, cos, sin, c.rope_neox, c.rope_dim))
+            q8, qa = quant_dynamic(q)
+            k8, ka = quant_dynamic(k)
+            v8 = np.clip(requant(v.reshape(T, -1), L["vm"], L["vsh"]), -127, 127).astype(np.int8)
+            keys, kamax, values = kv.update_int(i, pos, k8, ka[..., 0], v8.reshape(T, c.n_kv_heads, c.head_dim))
+            a = self._int_attention(q8, qa[..., 0], keys, kamax, values, pos, L)
+            x = np.clip(x + L["attn_output"](a, L["c_attn_output"]), -lim, lim)
+            h = self._int_norm(x, L["g2"])
+            g = L["ffn_gate"](h, L["c_ffn_gate"])
+            u = L["ffn_up"](h, L["c_ffn_up"])
+            hh = _t("silu_mul", rshift_round(int_silu(g, L["fg"]) * u, L["shift_h"]))
+            x = _t("residual", np.clip(x + L["ffn_down"](hh, L["c_ffn_down"]), -lim, lim))
+        if not all_logits:
+            x = x[-1:]
+        h = self._int_norm(x, self.g_out)
+        return _t("logits", self.head(h, self.c_head))
+
+    def _int_attention(self, q8, qa, k8, ka, v8, pos, L):
+        """Causal GQA attention on int8 q/k/v: integer scores, integer softmax, integer P @ V, per-channel requant."""
+        c = self.cfg
+        T, S = q8.shape[0], k8.shape[0]
+        kvh, rep, d = c.n_kv_heads, c.n_rep, c.head_dim
+        qg = q8.reshape(T, kvh, rep, d).transpose(1, 2, 0, 3).astype(np.float64)       # [KVH, rep, T, d]
+        kt = k8.transpose(1, 2, 0).astype(np.float64)                                  # [KVH, d, S]
+        acc = _t("qk", (qg @ kt[:, None]).astype(np.int64))                            # exact: < 2^21
+        qa_g = qa.reshape(T, kvh, rep).transpose(1, 2, 0)[..., None]                   # [KVH, rep, T, 1]
+        ka_g = ka.transpose(1, 0)[:, None, None, :]                                     # [KVH, 1, 1, S]
+        m, s = L["sc"]
+        sq = np.maximum(bitlen(qa_g) - 16, 0)                                          # amax to 16 bits
+        sk = np.maximum(bitlen(ka_g) - 16, 0)
+        t1 = rshift_round(acc * rshift_round(qa_g, sq), 8) * rshift_round(ka_g, sk)    # < 2^(20+16-8+16)
+        scores = _t("scores", rshift_round(t1 * m, s - 8 - sq - sk))                   # t1 * m < 2^59
+        mask = None
+        if T > 1 or S > pos + T:
+            mask = np.arange(S)[None, :] > (pos + np.arange(T))[:, None]
+        p = _t("probs", int_softmax(scores, SCORE_F, self.qc.prob_bits, mask))
+        out = (p.astype(np.float64) @ v8.transpose(1, 0, 2)[:, None].astype(np.float64)).astype(np.int64)
+        out = _t("pv", out.transpose(2, 0, 1, 3).reshape(T, -1))                         # < 2^16 * 127 * S
+        return _t("attn", requant(out, L["om"], L["osh"]))

@@ -1,0 +1,583 @@
+"""A weight store that holds at most a memory budget of weight bytes and streams the rest from weights.bin.
+
+Resident (read once, kept): embeddings/output, plus in neuron mode every layer's norms and ffn_down
+shared bits. The rest of the budget goes, in naive mode, to whole layers in layer order; in neuron
+mode first to whole attention blocks (every token needs all of them), then to FFN neuron slots,
+filled hot-first from the bundle's neuron ranking (else neuron order). Anything not resident is
+read from storage when a token needs it: naive mode reads a layer's whole region; neuron mode reads
+only the needed neurons' records (gate row + up row + down column, one contiguous record each),
+merging records closer than `coalesce_bytes` into one read. With `window=k`, neurons read for a
+token replace slots whose neurons no token of the last k used (LLM in a flash's sliding window).
+
+Reads use os.pread and posix_fadvise(DONTNEED) on what was read, so the next read of the same bytes
+comes from the device, not the page cache; an optional StorageModel stretches reads to an emulated
+device. Budget accounting counts the stored (quantized) bytes of what is resident; the numpy
+backend also keeps float32 working copies of them (reported by `compute_cache_bytes`), which a
+quantized-kernel backend would not need. Transient staging (at most the layer being computed and
+the one being prefetched) is outside the budget and reported as fixed overhead.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+from gguf import GGMLQuantizationType as Q
+from gguf import quants
+from gguf.quants import quant_shape_to_byte_shape
+
+from ...errors import EdgeLLMError
+from ..act_quant import block_mins
+from ..bundle import TYPED, BundleStore, unbundle_down
+from ..weights import TensorInfo, WeightStore, dequantize
+from .budget import check_budget, fmt_bytes, minimum_resident_set
+from .stats import StreamStats
+from .storage_model import StorageModel, get_storage_model
+
+MODES = ("naive", "neuron")
+FFN_PARTS = ("ffn_gate", "ffn_up", "ffn_down")
+
+
+@dataclass
+class Tensor:
+    """A decoded weight ready for the numpy backend: float32 values, type and Q4_1/Q5_1 block minimums."""
+
+    w: np.ndarray
+    qtype: Q
+    mins: np.ndarray | None
+
+
+def _typed(data: np.ndarray, qtype: Q, shape: tuple[int, ...]) -> np.ndarray:
+    data = np.ascontiguousarray(data).reshape(-1)
+    if qtype in TYPED:
+        return data.view(TYPED[qtype]).reshape(shape)
+    return data.reshape(quant_shape_to_byte_shape(shape, qtype))
+
+
+def fast_dequantize(r: np.ndarray, qtype: Q, shape: tuple[int, ...]) -> np.ndarray:
+    """weights.dequantize in one call over all blocks (gguf splits into 16-row groups, ~5x slower on
+    small row sets); the per-block arithmetic is gguf's own, so the values are identical."""
+    cls = quants._type_traits.get(qtype)
+    if cls is None or qtype in TYPED:
+        return dequantize(r, qtype, shape)
+    cls.init_grid()
+    blocks = np.ascontiguousarray(r).reshape(-1).view(np.uint8).reshape(-1, cls.type_size)
+    return np.ascontiguousarray(cls.dequantize_blocks(blocks).reshape(shape), dtype=np.float32)
+
+
+def decode(raw: np.ndarray, qtype: Q, shape: tuple[int, ...]) -> Tensor:
+    """Stored bytes -> Tensor (exactly what BundleStore.get returns, plus the block minimums)."""
+    r = _typed(raw, qtype, shape)
+    if qtype == Q.BF16:
+        w = (r.view("<u2").astype(np.uint32) << 16).view(np.float32).reshape(shape)
+    else:
+        w = fast_dequantize(r, qtype, shape)
+    mins = block_mins(r, qtype, shape[0]) if len(shape) == 2 else None
+    return Tensor(w, qtype, mins)
+
+
+class _Reader:
+    """pread from weights.bin, evicting what was read from the page cache; optional device emulation."""
+
+    def __init__(self, path, stats: StreamStats, storage: StorageModel | None, evict: bool):
+        self.fd = os.open(path, os.O_RDONLY)
+        self.stats, self.storage, self.evict = stats, storage, evict and hasattr(os, "posix_fadvise")
+        self.lock = threading.Lock()
+        if self.evict:
+            os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+    def read(self, offset: int, n: int, prefetch: bool = False) -> np.ndarray:
+        t = time.perf_counter()
+        buf = bytearray(n)
+        view, got = memoryview(buf), 0
+        while got < n:
+            k = os.preadv(self.fd, [view[got:]], offset + got)
+            if k <= 0:
+                raise EdgeLLMError(f"weights.bin ended {n - got} bytes early at offset {offset + got}",
+                                   "the bundle is damaged: re-copy it or compile it again")
+            got += k
+        if self.evict:
+            os.posix_fadvise(self.fd, offset, n, os.POSIX_FADV_DONTNEED)
+        if self.storage is not None:
+            self.storage.throttle(n, time.perf_counter() - t)
+        with self.lock:
+            s = self.stats
+            s.bytes_read += n
+            s.read_requests += 1
+            s.io_read_s += time.perf_counter() - t
+            if prefetch:
+                s.prefetch_bytes += n
+        return np.frombuffer(buf, dtype=np.uint8)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class _NeuronSlots:
+    """One layer's resident FFN neurons: decoded rows in fixed slots, which neuron is where, when last used."""
+
+    def __init__(self, n_slots: int, ffn: int, dim: int, rows: int, nb_g: int, nb_u: int):
+        self.ids = np.full(n_slots, -1, dtype=np.int64)
+        self.slot_of = np.full(ffn, -1, dtype=np.int64)
+        self.last_used = np.full(n_slots, -(1 << 40), dtype=np.int64)
+        self.gate = np.zeros((n_slots, dim), np.float32)
+        self.up = np.zeros((n_slots, dim), np.float32)
+        self.down = np.zeros((n_slots, rows), np.float32)     # down column j stored as a row
+        self.mins_g = np.zeros((n_slots, nb_g), np.float32) if nb_g else None
+        self.mins_u = np.zeros((n_slots, nb_u), np.float32) if nb_u else None
+
+    def put(self, slots: np.ndarray, ids: np.ndarray, dec: dict) -> None:
+        old = self.ids[slots]
+        self.slot_of[old[old >= 0]] = -1
+        self.ids[slots] = ids
+        self.slot_of[ids] = slots
+        self.gate[slots], self.up[slots], self.down[slots] = dec["gate"], dec["up"], dec["down"]
+        if self.mins_g is not None:
+            self.mins_g[slots] = dec["mins_g"]
+        if self.mins_u is not None:
+            self.mins_u[slots] = dec["mins_u"]
+
+    @property
+    def filled(self) -> int:
+        return int((self.ids >= 0).sum())
+
+    @property
+    def nbytes_float(self) -> int:
+        return sum(a.nbytes for a in (self.gate, self.up, self.down, self.mins_g, self.mins_u) if a is not None)
+
+
+class StreamedStore(WeightStore):
+    """Weights of a bundle under a memory budget (see the module docstring)."""
+
+    def __init__(self, bundle: BundleStore, budget: int, mode: str = "naive", ranking: np.ndarray | None = None,
+                 window: int = 0, extra_resident: dict[str, int] | None = None,
+                 storage: StorageModel | str | None = None, evict_page_cache: bool = True,
+                 coalesce_bytes: int = 16384, prefetch: bool = True, spec=None):
+        if mode not in MODES:
+            raise EdgeLLMError(f"unknown streaming mode {mode!r}", f"choose one of: {', '.join(MODES)}")
+        if not isinstance(bundle, BundleStore):
+            raise EdgeLLMError("a memory budget needs a compiled bundle (its weights.bin has the streaming layout)",
+                               "compile the model first: edgellm compile MODEL -o BUNDLE_DIR, then run the bundle")
+        self.b, self.mode, self.budget, self.window = bundle, mode, int(budget), int(window)
+        self.coalesce_bytes = int(coalesce_bytes)
+        self.extra = dict(extra_resident or {})
+        self.minimum = minimum_resident_set(bundle, mode, self.extra.get("predictor", 0))
+        check_budget(self.budget, self.minimum, spec)
+        self.n_layers = len(bundle.layers)
+        storage = get_storage_model(storage)
+        self.stats = StreamStats(emulated=storage.label if storage else None)
+        self.io = _Reader(bundle.file, self.stats, storage, evict_page_cache)
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="edgellm-prefetch") if prefetch else None
+        self._pending: dict[tuple, Future] = {}
+        self.step = 0
+        self._layer_names = {i: [] for i in range(self.n_layers)}
+        fixed = []
+        for n in bundle.names():
+            if n.startswith("blk."):
+                self._layer_names[int(n.split(".")[1])].append(n)
+            else:
+                fixed.append(n)
+        if mode == "neuron":
+            fixed += [n for i in range(self.n_layers) for n in self._layer_names[i] if n.endswith("norm.weight")]
+        self._res: dict[str, Tensor] = {n: self._read_tensor(n) for n in fixed}
+        self._res_bytes = sum(bundle.info(n).nbytes for n in fixed) + sum(self.extra.values())
+        self._shared: dict[int, np.ndarray] = {}
+        self._down_mins: dict[int, np.ndarray | None] = {}
+        self._affine: dict[int, tuple] = {}
+        left = self.budget - self._res_bytes
+        self.resident_layers: set[int] = set()     # naive: whole layer; neuron: attention block
+        self.slots: dict[int, _NeuronSlots] = {}
+        if mode == "naive":
+            for i in range(self.n_layers):
+                nb = sum(bundle.info(n).nbytes for n in self._layer_names[i])
+                if nb <= left:
+                    self._res.update(self._load_layer(i))
+                    self._res_bytes += nb
+                    self.resident_layers.add(i)
+                    left -= nb
+        else:
+            for i in range(self.n_layers):
+                s = bundle.ffn_layout(i)["down_shared"]
+                self._shared[i] = self.io.read(int(s["offset"]), int(s["nbytes"]))
+                self._res_bytes += int(s["nbytes"])
+                self._down_mins[i] = self._shared_mins(i)
+            left = self.budget - self._res_bytes
+            for i in range(self.n_layers):
+                names = self._attention_names(i)
+                nb = sum(bundle.info(n).nbytes for n in names)
+                if nb <= left:
+                    self._keep_layer(i, names)
+                    left -= nb
+            per_layer = left // self.n_layers
+            for i in range(self.n_layers):
+                self._fill_slots(i, per_layer, None if ranking is None else np.asarray(ranking[i]))
+        assert self.resident_bytes() <= self.budget, "budget accounting error"
+        self.stats.reset()
+        self.stats.peak_resident = self.resident_bytes()
+
+    # ---- planning helpers ----
+
+    def _attention_names(self, i: int) -> list[str]:
+        return [n for n in self._layer_names[i] if not n.endswith("norm.weight") and "bundled" not in self.b._t[n]]
+
+    def _keep_layer(self, i: int, names: list[str]) -> None:
+        dec = self._read_span(names)
+        self._res.update(dec)
+        self._res_bytes += sum(self.b.info(n).nbytes for n in names)
+        self.resident_layers.add(i)
+
+    def _ffn_meta(self, i: int):
+        p = f"blk.{i}."
+        return [self.b.info(p + f + ".weight") for f in FFN_PARTS]
+
+    def _fill_slots(self, i: int, nbytes: int, ranking: np.ndarray | None) -> None:
+        gi, ui, di = self._ffn_meta(i)
+        stride = self.b.neuron_span(i, 0)[1]
+        ffn = gi.shape[0]
+        n = int(min(ffn, max(0, nbytes // stride)))
+        nb = lambda t: block_mins(np.zeros(quant_shape_to_byte_shape((1, t.shape[1]), t.qtype), np.uint8)  # noqa: E731
+                                  if t.qtype not in TYPED else np.zeros(0), t.qtype, 1)
+        mg, mu = nb(gi), nb(ui)
+        self.slots[i] = s = _NeuronSlots(n, ffn, gi.shape[1], di.shape[0], 0 if mg is None else mg.shape[1],
+                                         0 if mu is None else mu.shape[1])
+        if n:
+            ids = np.sort((ranking if ranking is not None else np.arange(ffn))[:n]).astype(np.int64)
+            s.put(np.arange(n), ids, self._decode_records(i, ids, self._read_records(i, ids)))
+            self._res_bytes += n * stride
+
+    # ---- WeightStore ----
+
+    def info(self, name: str) -> TensorInfo:
+        return self.b.info(name)
+
+    def names(self) -> Iterator[str]:
+        return self.b.names()
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.b
+
+    def raw(self, name: str) -> np.ndarray:
+        """The stored bytes, read from storage (only the backend's decoded copies stay resident)."""
+        return self._raw_from_file(name)
+
+    def get(self, name: str) -> np.ndarray:
+        t = self._res.get(name)
+        if t is not None:
+            return t.w
+        return self._read_tensor(name).w
+
+    def resident_bytes(self) -> int:
+        """Stored bytes of the weights held across tokens (always <= the budget)."""
+        return self._res_bytes
+
+    def compute_cache_bytes(self) -> int:
+        """float32 working copies the numpy backend keeps of the resident weights (outside the budget)."""
+        n = sum(t.w.nbytes + (t.mins.nbytes if t.mins is not None else 0) for t in self._res.values())
+        n += sum(s.nbytes_float for s in self.slots.values())
+        n += sum(m.nbytes for m in self._down_mins.values() if m is not None)
+        n += sum(a.nbytes for dm in self._affine.values() for a in dm if a is not None)
+        return n
+
+    def describe(self) -> str:
+        ffn_total = sum(self.slots[i].filled for i in self.slots)
+        parts = [f"{self.mode} streaming, budget {fmt_bytes(self.budget)}, resident {fmt_bytes(self.resident_bytes())}",
+                 f"minimum {fmt_bytes(self.minimum.total)} ({self.minimum.describe()})"]
+        if self.mode == "naive":
+            parts.append(f"{len(self.resident_layers)}/{self.n_layers} layers resident")
+        else:
+            parts.append(f"{len(self.resident_layers)}/{self.n_layers} attention blocks and {ffn_total} FFN neurons "
+                         f"resident" + (f", window {self.window} tokens" if self.window else ""))
+        if self.stats.emulated:
+            parts.append(self.stats.emulated)
+        return "; ".join(parts)
+
+    # ---- reading ----
+
+    def _raw_from_file(self, name: str) -> np.ndarray:
+        i = self.b.info(name)
+        t = self.b._t[name]
+        if "bundled" in t:
+            layer = int(t["layer"])
+            return _typed(self._ffn_raw(layer, self._read_ffn(layer))[t["bundled"]], i.qtype, i.shape)
+        return _typed(self.io.read(int(t["offset"]), i.nbytes), i.qtype, i.shape)
+
+    def _read_tensor(self, name: str) -> Tensor:
+        i = self.b.info(name)
+        t = self.b._t[name]
+        if "bundled" in t:
+            layer = int(t["layer"])
+            raw = self._ffn_raw(layer, self._read_ffn(layer))[t["bundled"]]
+            return decode(raw, i.qtype, i.shape)
+        return decode(self.io.read(int(t["offset"]), i.nbytes), i.qtype, i.shape)
+
+    def _read_span(self, names: list[str], prefetch: bool = False) -> dict[str, Tensor]:
+        """Read non-FFN tensors stored next to each other with one read and decode them."""
+        if not names:
+            return {}
+        ts = [self.b._t[n] for n in names]
+        lo = min(int(t["offset"]) for t in ts)
+        hi = max(int(t["offset"]) + int(t["nbytes"]) for t in ts)
+        data = self.io.read(lo, hi - lo, prefetch)
+        out = {}
+        for n, t in zip(names, ts):
+            i = self.b.info(n)
+            out[n] = decode(data[int(t["offset"]) - lo:int(t["offset"]) - lo + i.nbytes], i.qtype, i.shape)
+        return out
+
+    def _read_ffn(self, layer: int, prefetch: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """A layer's ffn_down shared bits and all its neuron records, in one read."""
+        ffn = self.b.ffn_layout(layer)
+        r, s = ffn["records"], ffn["down_shared"]
+        lo = min(int(r["offset"]), int(s["offset"]))
+        hi = max(int(r["offset"]) + int(r["count"]) * int(r["stride"]), int(s["offset"]) + int(s["nbytes"]))
+        data = self.io.read(lo, hi - lo, prefetch)
+        shared = data[int(s["offset"]) - lo:int(s["offset"]) - lo + int(s["nbytes"])]
+        ro = int(r["offset"]) - lo
+        return shared, data[ro:ro + int(r["count"]) * int(r["stride"])].reshape(int(r["count"]), int(r["stride"]))
+
+    def _ffn_raw(self, layer: int, shared_records) -> dict[str, np.ndarray]:
+        shared, rec = shared_records
+        ffn = self.b.ffn_layout(layer)
+        di = self._ffn_meta(layer)[2]
+        part = lambda p: np.ascontiguousarray(rec[:, ffn[p]["at"]:ffn[p]["at"] + ffn[p]["nbytes"]])  # noqa: E731
+        down = unbundle_down(part("down"), shared, di.shape[0], self.b.down_bits[di.qtype.name])
+        return {"gate": part("gate"), "up": part("up"), "down": down}
+
+    def _read_records(self, layer: int, ids: np.ndarray, prefetch: bool = False) -> np.ndarray:
+        """uint8 [len(ids), stride]: the records of sorted neuron ids, neighbours merged into one read."""
+        r = self.b.ffn_layout(layer)["records"]
+        base, stride = int(r["offset"]), int(r["stride"])
+        out = np.empty((len(ids), stride), np.uint8)
+        if not len(ids):
+            return out
+        gap = max(1, self.coalesce_bytes // stride)        # merge when fewer than `gap` records lie between
+        breaks = np.nonzero(np.diff(ids) > gap)[0] + 1
+        start = 0
+        for end in [*breaks.tolist(), len(ids)]:
+            a, b = int(ids[start]), int(ids[end - 1])
+            data = self.io.read(base + a * stride, (b - a + 1) * stride, prefetch).reshape(-1, stride)
+            out[start:end] = data[ids[start:end] - a]
+            start = end
+        return out
+
+    def _shared_mins(self, layer: int) -> np.ndarray | None:
+        """ffn_down's block minimums [rows, blocks] from the resident shared bits (element bits zero); also
+        caches the block scales/minimums of affine types (Q4_0, Q4_1, Q8_0) for `affine_down`."""
+        di = self._ffn_meta(layer)[2]
+        rows = di.shape[0]
+        bits = self.b.down_bits[di.qtype.name]
+        zeros = np.zeros((di.shape[1], self.b.ffn_layout(layer)["down"]["nbytes"]), np.uint8)
+        shared_only = None
+        if di.qtype in AFFINE and bits["element_bits"] == _affine_bits(di.qtype):
+            shared_only = unbundle_down(zeros, self._shared[layer], rows, bits).reshape(rows, -1, bits["type_size"])
+            d = np.ascontiguousarray(shared_only[:, :, 0:2]).view(np.float16)[..., 0].astype(np.float32)
+            m = np.ascontiguousarray(shared_only[:, :, 2:4]).view(np.float16)[..., 0].astype(np.float32) \
+                if di.qtype == Q.Q4_1 else None
+            self._affine[layer] = (d, m)
+        if di.qtype not in (Q.Q4_1, Q.Q5_1):
+            return None
+        if shared_only is None:
+            shared_only = unbundle_down(zeros, self._shared[layer], rows, bits)
+        return block_mins(shared_only.reshape(rows, -1), di.qtype, rows)
+
+    def _decode_records(self, layer: int, ids: np.ndarray, rec: np.ndarray) -> dict:
+        """Neuron records -> float gate/up rows, down columns (as rows) and gate/up block minimums."""
+        gi, ui, di = self._ffn_meta(layer)
+        ffn = self.b.ffn_layout(layer)
+        k = len(ids)
+        g = decode(rec[:, ffn["gate"]["at"]:ffn["gate"]["at"] + ffn["gate"]["nbytes"]], gi.qtype, (k, gi.shape[1]))
+        u = decode(rec[:, ffn["up"]["at"]:ffn["up"]["at"] + ffn["up"]["nbytes"]], ui.qtype, (k, ui.shape[1]))
+        d = ffn["down"]
+        cols = rec[:, d["at"]:d["at"] + d["nbytes"]]
+        aff = self._affine.get(layer)
+        if aff is not None:
+            down = affine_down(cols, ids, di.qtype, di.shape[0], *aff)
+        else:
+            down = decode_down(cols, ids, self._shared[layer], self.b.down_bits[di.qtype.name], di.qtype,
+                               di.shape[0], di.shape[1])
+        return {"gate": g.w, "up": u.w, "down": down, "mins_g": g.mins, "mins_u": u.mins}
+
+    # ---- what the backend calls ----
+
+    def _take(self, key):
+        fut = self._pending.pop(key, None)
+        if fut is None:
+            return None
+        t = time.perf_counter()
+        r = fut.result()
+        self.stats.io_wait_s += time.perf_counter() - t
+        return r
+
+    def _sync(self, fn, *args):
+        t = time.perf_counter()
+        r = fn(*args)
+        self.stats.io_wait_s += time.perf_counter() - t
+        return r
+
+    def prefetch_layer(self, i: int) -> None:
+        """Start reading layer i's streamed part (naive: the whole region; neuron: its attention block)."""
+        if self._pool is None or i in self.resident_layers or ("layer", i) in self._pending:
+            return
+        self._pending[("layer", i)] = self._pool.submit(self._load_layer, i, True)
+
+    def _load_layer(self, i: int, prefetch: bool = False):
+        names = self._attention_names(i) if self.mode == "neuron" else \
+            [n for n in self._layer_names[i] if "bundled" not in self.b._t[n]]
+        dec = self._read_span(names, prefetch)
+        if self.mode == "naive":
+            p = f"blk.{i}."
+            raw = self._ffn_raw(i, self._read_ffn(i, prefetch))
+            for part, info in zip(FFN_PARTS, self._ffn_meta(i)):
+                dec[p + part + ".weight"] = decode(raw[part[4:]], info.qtype, info.shape)
+        return dec
+
+    def layer(self, i: int) -> dict[str, Tensor]:
+        """Decoded tensors of layer i: resident ones, plus the streamed part (prefetched or read now)."""
+        if i in self.resident_layers:
+            return self._res
+        dec = self._take(("layer", i))
+        if dec is None:
+            dec = self._sync(self._load_layer, i)
+        return {**self._res, **dec}
+
+    def resident(self, name: str) -> Tensor:
+        return self._res[name]
+
+    def prefetch_neurons(self, layer: int, ids: np.ndarray) -> None:
+        """Start reading the records of those of `ids` that are not resident (a speculative guess)."""
+        if self._pool is None:
+            return
+        ids = np.asarray(ids, dtype=np.int64)
+        miss = ids[self.slots[layer].slot_of[ids] < 0]
+        if len(miss):
+            self._pending[("neurons", layer)] = self._pool.submit(
+                lambda: (miss, self._read_records(layer, miss, True)))
+
+    def neurons(self, layer: int, ids: np.ndarray) -> dict:
+        """Decoded gate/up rows [k, dim], down [dim, k] and minimums of sorted neuron `ids` of `layer`."""
+        ids = np.asarray(ids, dtype=np.int64)
+        s = self.slots[layer]
+        st = self.stats
+        slots = s.slot_of[ids]
+        hit = slots >= 0
+        s.last_used[slots[hit]] = self.step
+        miss = ids[~hit]
+        st.neuron_hits += int(hit.sum())
+        st.neuron_misses += len(miss)
+        st.neurons_needed += len(ids)
+        st.neurons_total += len(s.slot_of)
+        k = len(ids)
+        dim, rows = s.gate.shape[1], s.down.shape[1]
+        out = {"gate": np.empty((k, dim), np.float32), "up": np.empty((k, dim), np.float32),
+               "down_rows": np.empty((k, rows), np.float32),
+               "mins_g": None if s.mins_g is None else np.empty((k, s.mins_g.shape[1]), np.float32),
+               "mins_u": None if s.mins_u is None else np.empty((k, s.mins_u.shape[1]), np.float32)}
+        hs = slots[hit]
+        out["gate"][hit], out["up"][hit], out["down_rows"][hit] = s.gate[hs], s.up[hs], s.down[hs]
+        if s.mins_g is not None:
+            out["mins_g"][hit] = s.mins_g[hs]
+        if s.mins_u is not None:
+            out["mins_u"][hit] = s.mins_u[hs]
+        pre = self._take(("neurons", layer))
+        if len(miss):
+            rec = np.empty((len(miss), self.b.neuron_span(layer, 0)[1]), np.uint8)
+            have = np.zeros(len(miss), bool)
+            if pre is not None:
+                pids, prec = pre
+                pos = np.searchsorted(pids, miss)
+                pos[pos >= len(pids)] = 0
+                have = pids[pos] == miss
+                rec[have] = prec[pos[have]]
+                st.prefetch_wasted += len(pids) - int(have.sum())
+            if (~have).any():
+                rec[~have] = self._sync(self._read_records, layer, miss[~have])
+            dec = self._decode_records(layer, miss, rec)
+            out["gate"][~hit], out["up"][~hit], out["down_rows"][~hit] = dec["gate"], dec["up"], dec["down"]
+            if s.mins_g is not None:
+                out["mins_g"][~hit] = dec["mins_g"]
+            if s.mins_u is not None:
+                out["mins_u"][~hit] = dec["mins_u"]
+            if self.window > 0:
+                self._admit(s, miss, dec)
+        elif pre is not None:
+            st.prefetch_wasted += len(pre[0])
+        out["down"] = np.ascontiguousarray(out.pop("down_rows").T)
+        out["mins_d"] = self._down_mins[layer]
+        return out
+
+    def _admit(self, s: _NeuronSlots, ids: np.ndarray, dec: dict) -> None:
+        """Windowing: put just-read neurons into slots no token of the last `window` tokens used (oldest first)."""
+        free = np.nonzero(s.last_used <= self.step - self.window)[0]
+        if not len(free):
+            return
+        free = free[np.argsort(s.last_used[free], kind="stable")][:len(ids)]
+        take = np.arange(len(free))
+        s.put(free, ids[take], {k: (v[take] if v is not None else None) for k, v in dec.items()})
+        s.last_used[free] = self.step
+
+    def end_forward(self) -> None:
+        self.step += 1
+        r = self.resident_bytes()
+        if r > self.budget:      # cannot happen: slots are fixed at load time; kept as a hard guard
+            raise EdgeLLMError(f"resident weights {r} exceed the budget {self.budget}", "report this bug")
+        self.stats.peak_resident = max(self.stats.peak_resident, r)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+        self.io.close()
+
+
+def decode_down(cols: np.ndarray, ids: np.ndarray, shared: np.ndarray, bits: dict, qtype: Q, rows: int,
+                n_neurons: int) -> np.ndarray:
+    """ffn_down columns of neurons `ids` as float32 [k, rows], from their records' element bits + the shared bits.
+
+    Builds one block per (row, block holding a needed neuron) with the shared bits and every needed
+    element's bits, and dequantizes it with the gguf library: values equal the full matrix's exactly.
+    """
+    block, tsize = bits["block_size"], bits["type_size"]
+    elem = np.asarray(bits["element_bits"], dtype=np.intp)             # [block, b]
+    shared_idx = np.asarray(bits["shared_bits"], dtype=np.intp)
+    k, b = len(ids), elem.shape[1]
+    ublk, inv = np.unique(ids // block, return_inverse=True)
+    q = np.unpackbits(cols, axis=1, bitorder="little")[:, :rows * b].reshape(k, rows, b)
+    blocks = np.zeros((rows, len(ublk), tsize * 8), dtype=np.uint8)
+    if len(shared_idx):
+        nsh = len(shared_idx)
+        sb = np.unpackbits(shared, bitorder="little")[:rows * (n_neurons // block) * nsh].reshape(rows, -1, nsh)
+        blocks[:, :, shared_idx] = sb[:, ublk]
+    e = ids % block
+    blocks[:, inv[:, None], elem[e]] = q.transpose(1, 0, 2)
+    packed = np.packbits(blocks, axis=2, bitorder="little").reshape(-1)
+    vals = decode(packed, qtype, (rows * len(ublk), block)).w.reshape(rows, len(ublk), block)
+    return np.ascontiguousarray(vals[:, inv, e].T)
+
+
+AFFINE = (Q.Q4_0, Q.Q4_1, Q.Q8_0)
+
+
+def _affine_bits(qtype: Q) -> list[list[int]]:
+    """The element-bit map of the affine types' gguf layouts (checked against the bundle's before use)."""
+    if qtype == Q.Q8_0:
+        return [[16 + 8 * e + b for b in range(8)] for e in range(32)]
+    start = 16 if qtype == Q.Q4_0 else 32
+    return [[start + 8 * (e % 16) + 4 * (e // 16) + b for b in range(4)] for e in range(32)]
+
+
+def affine_down(cols: np.ndarray, ids: np.ndarray, qtype: Q, rows: int, d: np.ndarray, m: np.ndarray | None) -> np.ndarray:
+    """Fast path of decode_down for Q4_0/Q4_1/Q8_0: the gguf formulas applied to one column's quants with the
+    cached block scales d [rows, blocks] (and minimums m): bit-identical to dequantizing the whole matrix."""
+    blk = ids // 32
+    dk = d[:, blk].T                                               # [k, rows]
+    if qtype == Q.Q8_0:
+        return np.ascontiguousarray(cols[:, :rows]).view(np.int8).astype(np.float32) * dk
+    q = np.stack([cols & np.uint8(0x0F), cols >> np.uint8(4)], axis=-1).reshape(len(ids), -1)[:, :rows]
+    if qtype == Q.Q4_0:
+        return dk * (q.astype(np.int8) - np.int8(8)).astype(np.float32)
+    return dk * q.astype(np.float32) + m[:, blk].T

@@ -1,0 +1,107 @@
+"""The numpy backend over a StreamedStore: the reference forward pass, with a sparse FFN in neuron mode.
+
+Same functions as model.py (rms_norm, rope, attention, silu, ggml activation rounding), so with every
+weight resident, or in naive mode, or in neuron mode with every neuron active, the logits are
+bit-identical to `Transformer`. With a predictor, each layer computes only the neurons it predicts
+for the FFN input; the I/O thread reads the next layer's attention block and, while this layer's
+attention computes, the neurons predicted from the layer input (a guess refined at FFN time).
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from ..backend import Backend, _thread_limit
+from ..config import ModelConfig
+from ..kv_cache import KVCache
+from ..model import apply_rope, attention, rms_norm, rope_tables, silu
+from ..act_quant import quantized_matmul
+from .neuron_profile import NeuronProfile
+from .sparse_ffn import sparse_ffn
+from .streamed_store import StreamedStore, Tensor
+
+
+class StreamingBackend(Backend):
+    name = "numpy-streaming"
+
+    def __init__(self, cfg: ModelConfig, store: StreamedStore, predictor: NeuronProfile | None = None,
+                 prefetch: bool = True, act_quant: str = "ggml", threads: int | None = None):
+        self.cfg, self.store, self.predictor = cfg, store, predictor
+        self.prefetch, self.act_quant, self.threads = prefetch, act_quant, threads
+        self.output_name = "token_embd.weight" if cfg.tied_embeddings else "output.weight"
+
+    @property
+    def stats(self):
+        return self.store.stats
+
+    def new_cache(self, n_ctx: int) -> KVCache:
+        return KVCache(self.cfg, n_ctx)
+
+    def linear(self, x: np.ndarray, W: dict, name: str) -> np.ndarray:
+        t: Tensor = W[name]
+        y = quantized_matmul(x, t.w, t.qtype, mins=t.mins) if self.act_quant == "ggml" else x @ t.w.T
+        bias = name.replace(".weight", ".bias")
+        if self.cfg.attn_bias and bias in W:
+            y = y + W[bias].w
+        return y
+
+    def block(self, i: int, x: np.ndarray, pos: int, kv: KVCache, cos, sin) -> np.ndarray:
+        c, p, st = self.cfg, f"blk.{i}.", self.store
+        T = x.shape[0]
+        W = st.layer(i)
+        if st.mode == "neuron" and self.predictor is not None and self.prefetch:
+            guess = self.predictor.predict(i, rms_norm(x, W[p + "ffn_norm.weight"].w, c.norm_eps))
+            st.prefetch_neurons(i, np.nonzero(guess.any(axis=0))[0])
+        if self.prefetch:
+            st.prefetch_layer((i + 1) % c.n_layers)
+        h = rms_norm(x, W[p + "attn_norm.weight"].w, c.norm_eps)
+        q = self.linear(h, W, p + "attn_q.weight").reshape(T, c.n_heads, c.head_dim)
+        k = self.linear(h, W, p + "attn_k.weight").reshape(T, c.n_kv_heads, c.head_dim)
+        v = self.linear(h, W, p + "attn_v.weight").reshape(T, c.n_kv_heads, c.head_dim)
+        q = apply_rope(q, cos, sin, c.rope_neox, c.rope_dim)
+        k = apply_rope(k, cos, sin, c.rope_neox, c.rope_dim)
+        keys, values = kv.update(i, pos, k, v)
+        a = attention(q, keys, values, pos, c.n_rep)
+        x = x + self.linear(a, W, p + "attn_output.weight")
+        h = rms_norm(x, W[p + "ffn_norm.weight"].w, c.norm_eps)
+        if st.mode == "naive":
+            g = silu(self.linear(h, W, p + "ffn_gate.weight")) * self.linear(h, W, p + "ffn_up.weight")
+            return x + self.linear(g, W, p + "ffn_down.weight")
+        return x + self.ffn(i, h)
+
+    def ffn(self, i: int, h: np.ndarray) -> np.ndarray:
+        st, ffn_dim = self.store, self.cfg.ffn_dim
+        mask = None
+        if self.predictor is not None:
+            active = self.predictor.predict(i, h)
+            ids = np.nonzero(active.any(axis=0))[0]
+            mask = active[:, ids]
+            if mask.all():
+                mask = None
+        else:
+            ids = np.arange(ffn_dim)
+        n = st.neurons(i, ids)
+        qt = tuple(st.info(f"blk.{i}.{f}.weight").qtype for f in ("ffn_gate", "ffn_up", "ffn_down"))
+        return sparse_ffn(h, ids, ffn_dim, n["gate"], n["up"], n["down"], qt, (n["mins_g"], n["mins_u"], n["mins_d"]),
+                          mask, self.act_quant)
+
+    def forward(self, tokens, pos: int, kv: KVCache, all_logits: bool = False) -> np.ndarray:
+        st = self.store
+        t0, b0 = time.perf_counter(), st.stats.bytes_read
+        with _thread_limit(self.threads):
+            tokens = np.asarray(tokens, dtype=np.int64)
+            x = st.resident("token_embd.weight").w[tokens]
+            cos, sin = rope_tables(self.cfg, np.arange(pos, pos + len(tokens)))
+            for i in range(self.cfg.n_layers):
+                x = self.block(i, x, pos, kv, cos, sin)
+            if not all_logits:
+                x = x[-1:]
+            x = rms_norm(x, st.resident("output_norm.weight").w, self.cfg.norm_eps)
+            out = self.linear(x, {self.output_name: st.resident(self.output_name)}, self.output_name)
+        st.end_forward()
+        st.stats.record_forward(len(tokens), st.stats.bytes_read - b0, time.perf_counter() - t0)
+        return out
+
+    def close(self) -> None:
+        self.store.close()

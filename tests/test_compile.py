@@ -1,0 +1,70 @@
+"""`edgellm compile` end to end: a model becomes a bundle whose compiled backends agree with the reference."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import edgellm
+from conftest import require
+from edgellm.cli import main
+from edgellm.errors import EdgeLLMError
+from tinymodels import TinySpec, write_tiny_gguf
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return write_tiny_gguf(tmp_path_factory.mktemp("m") / "tiny.gguf", TinySpec(qtype="Q4_0", n_layers=2))
+
+
+def test_compile_onnxruntime_bundle_matches_reference(tiny, tmp_path):
+    require("onnxruntime", "the onnxruntime backend")
+    require("onnx", "the ONNX exporter")
+    res = edgellm.compile(tiny, "x86-64", tmp_path / "b", backends=("onnxruntime",), report=True, log=lambda m: None)
+    manifest = json.loads((res.bundle / "manifest.json").read_text())
+    assert manifest["target"]["name"] == "x86-64"
+    assert any(f["path"].startswith("onnx/") for f in manifest["files"])
+    assert set(res.stage_seconds) == {"import", "onnx", "bundle"}
+    assert any("GroupQueryAttention" in line for line in res.report)
+    ids = [5, 80, 200, 17, 99, 3]
+    ref = edgellm.LLM(tiny, threads=2)
+    ort = edgellm.LLM(res.bundle, backend="onnxruntime", threads=2)
+    a, b = ref.backend, ort.backend
+    la = a.forward(np.array(ids), 0, a.new_cache(32), all_logits=True)
+    lb = b.forward(np.array(ids), 0, b.new_cache(32), all_logits=True)
+    # onnxruntime multiplies float activations; the reference rounds them as llama.cpp does
+    assert np.abs(la - lb).max() / np.abs(la).max() < 0.05
+    assert (la.argmax(-1) == lb.argmax(-1)).mean() >= 0.8
+
+
+def test_compiled_backend_needs_a_bundle(tiny):
+    with pytest.raises(EdgeLLMError, match="compile it first"):
+        edgellm.LLM(tiny, backend="onnxruntime")
+
+
+def test_bundle_without_the_backend_artifact(tiny, tmp_path):
+    res = edgellm.compile(tiny, "x86-64", tmp_path / "b", backends=(), log=lambda m: None)
+    with pytest.raises(EdgeLLMError, match="has no onnx"):
+        edgellm.LLM(res.bundle, backend="onnxruntime")
+    assert edgellm.LLM(res.bundle).generate("the", max_tokens=4, temperature=0).tokens == \
+        edgellm.LLM(tiny).generate("the", max_tokens=4, temperature=0).tokens
+
+
+@pytest.mark.parametrize("argv,phrase", [
+    (["--target", "pdp11"], "unknown target"),
+    (["--backends", "cuda"], "unknown backend"),
+    (["--quant", "w3a3"], "not available yet"),
+])
+def test_compile_cli_errors_exit_2(tiny, tmp_path, capsys, argv, phrase):
+    assert main(["compile", str(tiny), "-o", str(tmp_path / "x"), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert phrase in err.lower() and len(err.splitlines()) == 1
+    assert not (tmp_path / "x").exists()
+
+
+def test_targets_lists_every_target(capsys):
+    assert main(["targets"]) == 0
+    out = capsys.readouterr().out
+    for name in ("x86-64", "rpi4", "rpi5", "jetson-orin", "android-arm64"):
+        assert name in out
