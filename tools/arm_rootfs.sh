@@ -8,11 +8,11 @@
 # How: debootstrap --foreign downloads Debian bookworm arm64 (minbase + python3) and the .debs are
 # unpacked with dpkg-deb (nothing arm64 is executed, so no chroot or binfmt is needed); pip then
 # installs the aarch64 manylinux wheels of numpy, the TVM runtime and edgellm's runtime dependencies
-# into ROOT/opt/edgellm-site (use it as PYTHONPATH). Needs: debootstrap, qemu-user-static, pip, network
+# into ROOT/opt/edgellm-site (use it as PYTHONPATH), without TVM's compiler library. Needs: debootstrap, qemu-user-static, pip, network
 # access to the Debian mirror in this machine's apt sources (or $EDGELLM_DEBIAN_MIRROR) and to PyPI.
 set -euo pipefail
 
-STAMP="v1 bookworm py3.11 apache-tvm==0.27.0.post1 apache-tvm-ffi==0.1.14.post1"
+STAMP="v2 bookworm py3.11 apache-tvm==0.27.0.post1 apache-tvm-ffi==0.1.14.post1"
 CACHE="${EDGELLM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/edgellm}"
 ROOT="${1:-$CACHE/arm64-rootfs}"
 WHEELS=(apache-tvm==0.27.0.post1 apache-tvm-ffi==0.1.14.post1 numpy psutil gguf tokenizers jinja2 tqdm
@@ -62,6 +62,10 @@ python3 -m pip install --quiet --disable-pip-version-check --no-compile --target
   --only-binary=:all: --implementation cp --python-version 3.11 \
   --platform manylinux_2_28_aarch64 --platform manylinux_2_17_aarch64 --platform manylinux2014_aarch64 \
   "${WHEELS[@]}" >&2
+
+# a device has only the TVM runtime: drop the 230 MB compiler library, so that any import of the compiler
+# on the emulated device fails loudly instead of passing unnoticed
+rm -f "$TMP/opt/edgellm-site/tvm/lib/libtvm_compiler.so"
 
 echo "$STAMP" > "$TMP/.edgellm-rootfs"
 rm -rf "$ROOT"

@@ -148,6 +148,13 @@ def main(argv=None) -> int:
         run("float", "fp32", 32.0, 4 * sum(int(np.prod(m.weights.info(n).shape)) for n in m.weights.names()),
             Scorer(NumpyBackend(m.config, m.weights, act_quant="none"), tok, args.ctx))
         del n_el
+    if args.llamacpp:
+        f32 = f32_gguf(Path(args.model))
+        for ft in ("Q8_0", "Q4_0"):
+            p = llamacpp_model(f32, ft)
+            bpw, nbytes = gguf_sizes(p)
+            run(f"llama.cpp {ft}", "llama.cpp", bpw, nbytes, LlamaScorer(p, tok, args.ctx))
+
     files = calibration_files(args.texts)
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
@@ -174,13 +181,6 @@ def main(argv=None) -> int:
             if mode == "integer" and qc.a_bits != 8:
                 continue
             run(tag, mode, qm.block_bits_per_weight(), qm.nbytes(), Scorer(IntTransformer(qm, mode), tok, args.ctx))
-    if args.llamacpp:
-        f32 = f32_gguf(Path(args.model))
-        for ft in ("Q8_0", "Q4_0"):
-            p = llamacpp_model(f32, ft)
-            bpw, nbytes = gguf_sizes(p)
-            run(f"llama.cpp {ft}", "llama.cpp", bpw, nbytes, LlamaScorer(p, tok, args.ctx))
-
     base = next((r["ppl"] for r in rows if r["scheme"] == "float"), None)
     print(f"\nheld-out Hamlet, {args.chunks} x {args.ctx} tokens (second halves scored), calibration "
           f"{args.calib_tokens} tokens of other plays")

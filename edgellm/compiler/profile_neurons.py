@@ -91,8 +91,11 @@ def fit_predictor(h: np.ndarray, mask: np.ndarray, rank: int, recall: float, rid
     y = np.where(mask, 1.0, -1.0).astype(np.float32)
     mu_y = y.mean(axis=0)
     x, yc = h - mu_h, y - mu_y
-    w = np.linalg.solve(x.T @ x + ridge * len(x) * np.eye(x.shape[1], dtype=np.float32), x.T @ yc)   # [dim, ffn]
-    _, _, vt = np.linalg.svd(x @ w, full_matrices=False)
+    xtx = x.T @ x
+    w = np.linalg.solve(xtx + ridge * len(x) * np.eye(x.shape[1], dtype=np.float32), x.T @ yc)   # [dim, ffn]
+    # right singular vectors of the fitted values x @ w, via the small factor R (x^T x = R^T R): (R w)^T (R w)
+    r = np.linalg.cholesky(xtx.astype(np.float64) + 1e-6 * np.trace(xtx) / len(xtx) * np.eye(len(xtx))).T
+    _, _, vt = np.linalg.svd(r @ w, full_matrices=False)
     v = vt[:rank].T                                                 # [ffn, r]
     a, b = w @ v, v.T
     bias = mu_y - mu_h @ a @ b

@@ -1,0 +1,243 @@
+"""Running under a memory budget (edgellm.runtime.memory): budgets, exactness of streaming, sparsity, errors.
+
+The reference is the numpy backend on the fully loaded bundle (itself checked against llama.cpp in
+test_smollm2.py): naive streaming and neuron streaming with every neuron active compute the same
+arithmetic on the same weights, so their logits must be bit-identical to it, token by token.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import pytest
+
+from edgellm.compiler.bundle_writer import write_bundle
+from edgellm.compiler.profile_neurons import profile_neurons
+from edgellm.devices.targets import host_target
+from edgellm.errors import EdgeLLMError
+from edgellm.runtime.backend import NumpyBackend
+from edgellm.runtime.bundle import load_bundle
+from edgellm.runtime.loader import load_model
+from edgellm.runtime.memory import (PROFILE_FILE, StorageModel, get_storage_model, make_budgeted_model,
+                                    minimum_resident_set, parse_budget)
+from edgellm.runtime.memory.budget import fmt_bytes
+from edgellm.runtime.perplexity import token_nll
+
+from tinymodels import TinySpec, write_tiny_gguf
+
+HOST = host_target().name
+TOKENS = [5, 70, 100, 200, 33, 7, 9, 11, 260, 40, 41, 42]
+PROMPT = 6
+
+
+def run(backend, tokens=TOKENS, prompt=PROMPT, check=None):
+    """Prefill `prompt` tokens, then decode the rest one at a time; all logits stacked [len(tokens), vocab]."""
+    kv = backend.new_cache(64)
+    outs = [backend.forward(np.asarray(tokens[:prompt]), 0, kv, all_logits=True)]
+    if check:
+        check()
+    for j in range(prompt, len(tokens)):
+        outs.append(backend.forward(np.asarray(tokens[j:j + 1]), j, kv))
+        if check:
+            check()
+    return np.concatenate(outs)
+
+
+def reference(bundle):
+    return run(NumpyBackend(bundle.config, bundle.weights))
+
+
+@pytest.fixture(scope="module", params=["Q4_1", "Q8_0", "Q5_0", "F32"])
+def tiny(request, tmp_path_factory):
+    """A tiny bundle per weight type (Q4_1, Q8_0: the fast affine column decoder; Q5_0, F32: the generic one)."""
+    d = tmp_path_factory.mktemp(f"tiny-{request.param}")
+    src = load_model(write_tiny_gguf(d / "m.gguf", TinySpec(qtype=request.param, n_layers=3)))
+    b = load_bundle(write_bundle(src, d / "bundle", HOST))
+    return b, reference(b)
+
+
+@pytest.fixture(scope="module")
+def tiny_q41(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tinyq41")
+    src = load_model(write_tiny_gguf(d / "m.gguf", TinySpec(qtype="Q4_1", n_layers=3, ffn_dim=256)))
+    return src, load_bundle(write_bundle(src, d / "bundle", HOST)), d
+
+
+# ---- budgets -----------------------------------------------------------------------------------
+
+
+def test_parse_budget():
+    assert parse_budget("60MB", 10**9) == 60_000_000
+    assert parse_budget("60 MiB", 10**9) == 60 * 2**20
+    assert parse_budget("1.5GB", 10**9) == 1_500_000_000
+    assert parse_budget("35%", 1000) == 350
+    assert parse_budget("100%", 96_576_768) == 96_576_768
+    assert parse_budget(12345, 10) == 12345
+    for bad in ["abc", "60 parsecs", "-5MB", "0%", "", True, -1]:
+        with pytest.raises(EdgeLLMError):
+            parse_budget(bad, 1000)
+
+
+@pytest.mark.parametrize("mode", ["naive", "neuron"])
+def test_budget_below_minimum_states_the_minimum(tiny_q41, mode):
+    _, b, _ = tiny_q41
+    need = minimum_resident_set(b.weights, mode).total
+    with pytest.raises(EdgeLLMError) as e:
+        make_budgeted_model(b, need - 1, mode=mode)
+    msg = str(e.value)
+    assert "minimum resident set" in msg and fmt_bytes(need) in msg and "--memory-budget" in msg
+    make_budgeted_model(b, need, mode=mode).close()         # exactly the minimum is enough
+
+
+def test_budget_needs_a_bundle(tiny_q41):
+    src, _, _ = tiny_q41
+    with pytest.raises(EdgeLLMError, match="edgellm compile"):
+        make_budgeted_model(src, "50%")
+
+
+# ---- exactness ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("budget", ["100%", "80%", "60%"])
+@pytest.mark.parametrize("mode", ["naive", "neuron"])
+def test_streaming_equals_reference_and_stays_within_budget(tiny, mode, budget):
+    b, ref = tiny
+    be = make_budgeted_model(b, budget, mode=mode, window=2 if mode == "neuron" else 0)
+    st = be.store
+    limit = parse_budget(budget, b.weights.stored_bytes())
+
+    def check():
+        assert st.resident_bytes() <= limit
+
+    out = run(be, check=check)
+    assert np.array_equal(out, ref), f"max diff {np.abs(out - ref).max()}"
+    if budget == "100%":
+        assert st.stats.bytes_read == 0, "everything fits: nothing may be read per token"
+    else:
+        assert st.stats.bytes_read > 0, "a smaller budget must stream something"
+    be.close()
+
+
+def test_prefetch_off_gives_the_same_logits(tiny_q41):
+    _, b, _ = tiny_q41
+    ref = reference(b)
+    for mode in ("naive", "neuron"):
+        on, off = (make_budgeted_model(b, "60%", mode=mode, prefetch=p) for p in (True, False))
+        assert np.array_equal(run(on), ref) and np.array_equal(run(off), ref)
+        assert on.stats.prefetch_bytes > 0 and off.stats.prefetch_bytes == 0
+        on.close(), off.close()
+
+
+def test_windowing_keeps_recently_read_neurons(tiny_q41):
+    _, b, _ = tiny_q41
+    be = make_budgeted_model(b, "70%", mode="neuron", window=2, prefetch=False)
+    st = be.store
+    s = st.slots[0]
+    cold = np.nonzero(s.slot_of < 0)[0][:5]
+    assert len(cold) and len(s.ids)
+    st.neurons(0, cold)
+    assert (s.slot_of[cold] >= 0).all(), "neurons read for this token must be kept for the window"
+    before = st.resident_bytes()
+    st.end_forward()
+    assert st.resident_bytes() == before <= st.budget
+    static = make_budgeted_model(b, "70%", mode="neuron", window=0, prefetch=False)
+    static.store.neurons(0, cold)
+    assert (static.store.slots[0].slot_of[cold] < 0).all(), "without windowing the resident set is static"
+    be.close(), static.close()
+
+
+# ---- sparsity ----------------------------------------------------------------------------------
+
+
+def test_sparse_mode_without_profile_names_the_compile_flag(tiny_q41):
+    _, b, _ = tiny_q41
+    with pytest.raises(EdgeLLMError) as e:
+        make_budgeted_model(b, "100%", mode="sparse")
+    assert "--profile-neurons" in str(e.value)
+
+
+@pytest.fixture(scope="module")
+def profiled(tiny_q41, shakespeare_dir):
+    src, _, d = tiny_q41
+    from edgellm.compiler.profile_neurons import calibration_texts
+    prof = profile_neurons(src, calibration_texts(shakespeare_dir, max_files=4), sparsity=0.5, rank=16, recall=0.95,
+                           n_ctx=64, max_tokens=1024, log=lambda *a: None)
+    path = prof.save(d / PROFILE_FILE)
+    return load_bundle(write_bundle(src, d / "profiled", HOST, extra_files={PROFILE_FILE: path})), prof
+
+
+def ppl(backend, tokens):
+    logits = backend.forward(np.asarray(tokens), 0, backend.new_cache(len(tokens)), all_logits=True)
+    return math.exp(token_nll(logits[:-1], np.asarray(tokens[1:])).mean())
+
+
+def test_profile_measures_sparsity_and_ranks_neurons(profiled):
+    _, prof = profiled
+    assert abs(prof.meta["measured_sparsity"] - 0.5) < 0.02
+    assert prof.meta["recall"] >= 0.94
+    f = prof.frequency[0]
+    assert (np.diff(f[prof.ranking[0]]) <= 0).all(), "ranking must list the most often active neurons first"
+
+
+def test_predictor_keeps_perplexity_close_and_reads_less(profiled, heldout_text):
+    b, prof = profiled
+    tokens = [t for t in b.tokenizer.encode(heldout_text[5000:5400], add_bos=False) if t < b.config.vocab_size][:48]
+    dense = ppl(NumpyBackend(b.config, b.weights), tokens)
+    sparse = make_budgeted_model(b, "100%", mode="sparse")
+    p = ppl(sparse, tokens)
+    assert sparse.stats.active_fraction < 0.9, "the predictor must skip neurons"
+    assert abs(p / dense - 1) < 0.05, f"perplexity {p:.3f} vs dense {dense:.3f}"
+    naive = make_budgeted_model(b, "60%", mode="naive")
+    neuron = make_budgeted_model(b, "60%", mode="sparse", window=2)
+    run(naive), run(neuron)
+    assert neuron.stats.bytes_read < naive.stats.bytes_read
+    for be in (sparse, naive, neuron):
+        be.close()
+
+
+# ---- storage -----------------------------------------------------------------------------------
+
+
+def test_storage_model_is_labelled_emulation_and_throttles(tiny_q41):
+    _, b, _ = tiny_q41
+    assert get_storage_model("emmc").label.startswith("EMULATED")
+    with pytest.raises(EdgeLLMError, match="microsd"):
+        get_storage_model("floppy")
+    slow = StorageModel("test device", 1.0, 0.0)               # 1 MB/s
+    be = make_budgeted_model(b, "60%", mode="naive", storage=slow, prefetch=False)
+    assert "EMULATED test device" in be.store.describe() and "EMULATED" in be.stats.format()
+    t = time.perf_counter()
+    run(be, TOKENS[:3], 2)
+    took = time.perf_counter() - t
+    assert took >= 0.9 * be.stats.bytes_read / 1e6, "reads must last as long as on the emulated device"
+    be.close()
+
+
+# ---- SmolLM2 -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smol_bundle(smollm2_path, tmp_path_factory):
+    return load_bundle(write_bundle(load_model(smollm2_path), tmp_path_factory.mktemp("smol") / "b", HOST),
+                       verify=False)
+
+
+def test_smollm2_streams_exactly_at_half_budget(smol_bundle):
+    """SmolLM2 at 50%: the minimum neuron-mode set (tied 30 MB embedding, shared bits) does not fit, naive does."""
+    b = smol_bundle
+    with pytest.raises(EdgeLLMError, match="minimum resident set of 3[0-9].[0-9][0-9] MB"):
+        make_budgeted_model(b, "30%", mode="neuron")
+    ids = b.tokenizer.encode("To be, or not to be, that is the question:", add_bos=False)[:10]
+    ref = NumpyBackend(b.config, b.weights)
+    kv = ref.new_cache(32)
+    want = [ref.forward(np.asarray(ids[:8]), 0, kv)] + [ref.forward(np.asarray([t]), 8 + j, kv)
+                                                        for j, t in enumerate(ids[8:])]
+    be = make_budgeted_model(b, "50%", mode="naive")
+    kv = be.new_cache(32)
+    got = [be.forward(np.asarray(ids[:8]), 0, kv)] + [be.forward(np.asarray([t]), 8 + j, kv)
+                                                      for j, t in enumerate(ids[8:])]
+    assert all(np.array_equal(a, c) for a, c in zip(want, got))
+    assert be.store.resident_bytes() <= parse_budget("50%", b.weights.stored_bytes())
+    assert be.stats.bytes_read > 10e6
+    be.close()
