@@ -48,7 +48,8 @@ def _model_options(p: argparse.ArgumentParser, positional: bool = False) -> None
     p.add_argument("-t", "--threads", type=_positive_int, default=None, metavar="N",
                    help="CPU threads (default: physical cores)")
     p.add_argument("-c", "--ctx", type=_positive_int, default=None, metavar="N", help="context size in tokens")
-    p.add_argument("--backend", default="numpy", help="inference backend (default: numpy)")
+    p.add_argument("--backend", default="numpy",
+                   help="numpy (reference, default), or for a compiled bundle: tvm, tvm-relax, onnxruntime")
     p.add_argument("--verbose", action="store_true", help="print loading details")
 
 
@@ -311,8 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", metavar="MODEL", help="a .gguf file, a Hugging Face directory or a known model name")
     p.add_argument("--target", default="x86-64", help="target name (default x86-64, the host); see `edgellm targets`")
     p.add_argument("-o", "--output", default=None, metavar="BUNDLE_DIR", help="bundle directory to write")
-    p.add_argument("--backends", default="onnxruntime,tvm",
-                   help="compiled backends to include, comma-separated (default onnxruntime,tvm)")
+    p.add_argument("--backends", default="onnxruntime,tvm,tvm-relax",
+                   help="compiled backends to include, comma-separated (default onnxruntime,tvm,tvm-relax)")
     p.add_argument("--quant", default="gguf-native", help="quantization scheme (default: keep GGUF types)")
     p.add_argument("--report", action="store_true", help="print per-pass node counts and fused patterns")
     p.add_argument("--with-wheels", action="store_true",

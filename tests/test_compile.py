@@ -68,3 +68,17 @@ def test_targets_lists_every_target(capsys):
     out = capsys.readouterr().out
     for name in ("x86-64", "rpi4", "rpi5", "jetson-orin", "android-arm64"):
         assert name in out
+
+
+@pytest.mark.parametrize("backend", ["tvm", "tvm-relax"])
+def test_compile_tvm_bundle_generates_like_the_reference(tiny, tmp_path, backend):
+    require("tvm", "the TVM compiler")
+    res = edgellm.compile(tiny, "x86-64", tmp_path / "b", backends=(backend,), report=True, log=lambda m: None)
+    assert backend in res.stage_seconds
+    ours = edgellm.LLM(res.bundle, backend=backend, threads=2)
+    ref = edgellm.LLM(tiny, threads=2)
+    ids = [5, 80, 200, 17, 99, 3]
+    la = ref.backend.forward(np.array(ids), 0, ref.backend.new_cache(32), all_logits=True)
+    lb = ours.backend.forward(np.array(ids), 0, ours.backend.new_cache(32), all_logits=True)
+    # float kernels against the reference's llama.cpp-style activation rounding of Q4_0
+    assert np.abs(la - lb).max() / np.abs(la).max() < 0.05

@@ -142,8 +142,8 @@ def test_quantize_model_rejects_too_few_tokens(tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_w8a8_integer_only_tracks_float(smollm2_path, shakespeare_dir, heldout_text):
-    """Real outliers: quantize SmolLM2 w8a8 on 512 tokens of other plays; on Hamlet text the integer-only
-    forward's next-token choices agree with the float model's almost everywhere."""
+    """Real activation outliers: SmolLM2 w8a8 calibrated on 512 tokens of other plays, run integer-only on Hamlet:
+    next-token choices agree with the float model's almost everywhere and the mean NLL moves little."""
     from edgellm.runtime.backend import NumpyBackend
     from edgellm.runtime.int_backend import IntBackend
     from edgellm.runtime.loader import load_model
@@ -151,7 +151,9 @@ def test_smollm2_w8a8_integer_only_tracks_float(smollm2_path, shakespeare_dir, h
     files = calibration_files(shakespeare_dir)
     assert not any("hamlet" in f.name for f in files)
     chunks = calibration_chunks(m.tokenizer, files[:3], 512, n_ctx=512)
-    qm = quantize_model(m.config, m.weights, QuantConfig("w8a8", calib_tokens=512), chunks, progress=False)
+    # no scale/clip search here (minutes on a busy machine); tools/quant_accuracy.py measures the full recipe
+    qc = QuantConfig("w8a8", calib_tokens=512, smooth=False, clip_search=False)
+    qm = quantize_model(m.config, m.weights, qc, chunks, progress=False)
     assert qm.block_bits_per_weight() == pytest.approx(8.05, abs=0.01)
     text = heldout_text[heldout_text.find("SCENE"):]
     ids = np.asarray(m.tokenizer.encode(text)[:128])

@@ -17,7 +17,7 @@ from ..errors import EdgeLLMError
 from ..runtime.backend import KERNEL_LIBRARY, ONNX_DIR
 from ..runtime.loader import load_model
 
-ALL_BACKENDS = ("onnxruntime", "tvm")
+ALL_BACKENDS = ("onnxruntime", "tvm", "tvm-relax")
 QUANT_SCHEMES = ("gguf-native",)   # integer-only schemes (w8a8, w4a8, ...) are not built yet
 
 
@@ -48,7 +48,7 @@ def compile_model(model: str | os.PathLike, target: str = "x86-64", out: str | o
     if quant not in QUANT_SCHEMES:
         raise EdgeLLMError(f"quantization scheme {quant!r} is not available yet",
                            f"available: {', '.join(QUANT_SCHEMES)} (weights keep their GGUF types)")
-    if "tvm" in backends:
+    if {"tvm", "tvm-relax"} & set(backends):
         check_toolchain(t)                       # fail before any long work if the cross compiler is missing
     res = CompileResult(bundle=Path())
     clock = time.perf_counter()
@@ -84,6 +84,16 @@ def compile_model(model: str | os.PathLike, target: str = "x86-64", out: str | o
             if report:
                 res.report.append(f"tvm kernels for {t.name}: {len(built.names)} functions: {', '.join(built.names)}")
             stage("tvm")
+        if "tvm-relax" in backends:
+            from ..runtime.relax_backend import RELAX_LIBRARY
+            from .relax_build import build_relax
+            rb = build_relax(loaded.config, t.tvm_target, scratch / RELAX_LIBRARY)
+            extra[RELAX_LIBRARY] = rb.path
+            if report:
+                res.report.append(f"tvm relax for {t.name}: {', '.join(rb.functions)}; {rb.kernels_per_token} kernels "
+                                  f"per decode call; FuseOps/FuseTIR fused: {', '.join(rb.fused)}; "
+                                  f"residual add + RMSNorm fused by hand")
+            stage("tvm-relax")
         if with_wheels:
             from .wheels import download_wheels
             download_wheels(t, scratch / "wheels", list(backends), device_python)

@@ -17,6 +17,7 @@ from ..errors import EdgeLLMError
 RUNTIME_REQUIREMENTS = ["numpy", "psutil", "gguf", "tokenizers", "jinja2", "tqdm", "threadpoolctl", "platformdirs"]
 BACKEND_REQUIREMENTS = {"tvm": ["apache-tvm==0.27.0.post1", "apache-tvm-ffi==0.1.14.post1"],
                         "onnxruntime": ["onnxruntime"]}
+BACKEND_REQUIREMENTS["tvm-relax"] = BACKEND_REQUIREMENTS["tvm"]
 PLATFORMS = {"aarch64-linux-gnu": ["manylinux_2_28_aarch64", "manylinux_2_17_aarch64", "manylinux2014_aarch64",
                                    "linux_aarch64"],
              "x86_64-linux-gnu": ["manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",

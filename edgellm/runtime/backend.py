@@ -75,8 +75,18 @@ def _needs_bundle(name: str, model, artifact: str) -> Path:
 
 
 def _tvm(model, threads):
+    """The whole-model Relax executable when the bundle has one (one VM call per token), else per-op kernels."""
+    from .relax_backend import RELAX_LIBRARY
+    if model.format == "bundle" and (Path(model.path) / RELAX_LIBRARY).exists():
+        return _tvm_relax(model, threads)
     from .tvm_backend import TvmBackend   # lazy: imports the TVM runtime
     return TvmBackend(model.config, model.weights, _needs_bundle("tvm", model, KERNEL_LIBRARY), threads=threads)
+
+
+def _tvm_relax(model, threads):
+    from .relax_backend import RELAX_LIBRARY, RelaxBackend
+    return RelaxBackend(model.config, model.weights, _needs_bundle("tvm-relax", model, RELAX_LIBRARY),
+                        threads=threads)
 
 
 def _onnxruntime(model, threads):
@@ -85,7 +95,7 @@ def _onnxruntime(model, threads):
 
 
 BACKENDS = {"numpy": lambda model, threads: NumpyBackend(model.config, model.weights, threads),
-            "tvm": _tvm, "onnxruntime": _onnxruntime}
+            "tvm": _tvm, "tvm-relax": _tvm_relax, "onnxruntime": _onnxruntime}
 
 
 def make_backend(name: str, model, threads: int | None) -> Backend:

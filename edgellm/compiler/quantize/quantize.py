@@ -55,13 +55,6 @@ def quantize_model(cfg: ModelConfig, store: WeightStore | dict, qc: QuantConfig,
         norms = {"qkv": W[p + "attn_norm.weight"].copy(), "gate_up": W[p + "ffn_norm.weight"].copy()}
         v_range, h_range, up_range = R["v"].copy(), R["hprod"].copy(), R["up_ch"].copy()
         q_max, k_max = R["q"], R["k"]
-        if qc.qk_smooth and (qc.a_bits == 8 or qc.kv_int8):
-            # int8 q and k: move range between them per RoPE pair (q*s, k/s leaves q.k unchanged)
-            sk = qk_scales(R["q_ch"], R["k_ch"], cfg)
-            w["attn_k"] = w["attn_k"] / sk[:, None]
-            w["attn_q"] = w["attn_q"] * _kv_expand(sk, cfg)[:, None]
-            q_max = float((R["q_ch"] * _kv_expand(sk, cfg)).max())
-            k_max = float((R["k_ch"] / sk).max())
         fulls, choices = {}, {}
         for gname, members in GROUPS.items():
             stats = L[gname]
@@ -85,6 +78,14 @@ def quantize_model(cfg: ModelConfig, store: WeightStore | dict, qc: QuantConfig,
                 h_range, up_range = h_range / s, up_range / s
             fulls[gname] = full
             choices[gname] = choice
+        if qc.qk_smooth and (qc.a_bits == 8 or qc.kv_int8):
+            # int8 q and k: move range between them per RoPE pair (q*s, k/s leaves q.k unchanged). Row scaling
+            # does not change per-row / per-group weight quantization, so it is applied after the search.
+            sk = qk_scales(R["q_ch"], R["k_ch"], cfg)
+            w["attn_k"] = w["attn_k"] / sk[:, None]
+            w["attn_q"] = w["attn_q"] * _kv_expand(sk, cfg)[:, None]
+            q_max = float((R["q_ch"] * _kv_expand(sk, cfg)).max())
+            k_max = float((R["k_ch"] / sk).max())
         for gname, members in GROUPS.items():        # quantize after every fold (o and down rescale v and up rows)
             stats, full = L[gname], fulls[gname]
             imp = stats.sq / full ** 2

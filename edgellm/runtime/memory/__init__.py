@@ -20,7 +20,8 @@ __all__ = ["make_budgeted_model", "parse_budget", "minimum_resident_set", "check
 
 def make_budgeted_model(loaded, budget, mode: str = "naive", predictor=None, window: int = 0, prefetch: bool = True,
                         storage=None, threads: int | None = None, act_quant: str = "ggml",
-                        evict_page_cache: bool = True, coalesce_bytes: int = 16384) -> StreamingBackend:
+                        evict_page_cache: bool = True, coalesce_bytes: int = 4096,
+                        profile: NeuronProfile | None = None) -> StreamingBackend:
     """A StreamingBackend for a loaded bundle under `budget` ("60MB", "35%", or bytes).
 
     mode: "naive" (whole layers, read in full when not resident), "neuron" (per-neuron records; every
@@ -28,6 +29,8 @@ def make_budgeted_model(loaded, budget, mode: str = "naive", predictor=None, win
     predictor: None, True/"bundle" (the bundle's neurons.npz; an error naming --profile-neurons if it
     has none) or a NeuronProfile. window: keep neurons used by the last k tokens (neuron mode).
     storage: None (real device, page cache evicted) or "microsd"/"emmc"/"ufs"/"nvme"/StorageModel (emulated).
+    profile: a NeuronProfile to use instead of the bundle's (with a predictor, its ranking picks the resident
+    hot neurons).
     """
     if mode == "sparse":
         mode, predictor = "neuron", predictor or "bundle"
@@ -39,13 +42,19 @@ def make_budgeted_model(loaded, budget, mode: str = "naive", predictor=None, win
         raise EdgeLLMError(f"the activation predictor needs neuron streaming, not {mode!r}",
                            'pass mode="neuron" (or "sparse")')
     want = predictor not in (None, False)
-    profile = predictor if isinstance(predictor, NeuronProfile) else bundle_profile(loaded.path, need_predictor=want)
+    if isinstance(predictor, NeuronProfile):
+        profile = predictor
+    if profile is None:
+        profile = bundle_profile(loaded.path, need_predictor=want)
     if want and not profile.has_predictor:
         raise EdgeLLMError("the neuron profile has no activation predictor",
                            f"recompile the bundle with `edgellm compile MODEL {PROFILE_FLAG}`")
     total = sum(loaded.weights.info(n).nbytes for n in loaded.weights.names())
     nbytes = parse_budget(budget, total)
-    store = StreamedStore(loaded.weights, nbytes, mode, ranking=profile.ranking if profile is not None else None,
+    # without a predictor every neuron is needed every token: "hot" means nothing, and a contiguous resident
+    # range leaves the streamed neurons contiguous too (one read per layer); with one, the hottest stay resident
+    ranking = profile.ranking if (profile is not None and want) else None
+    store = StreamedStore(loaded.weights, nbytes, mode, ranking=ranking,
                           window=window, extra_resident={"predictor": profile.predictor_bytes if want else 0},
                           storage=storage, evict_page_cache=evict_page_cache, coalesce_bytes=coalesce_bytes,
                           prefetch=prefetch, spec=budget)

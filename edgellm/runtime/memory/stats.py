@@ -13,9 +13,11 @@ class StreamStats:
     neuron_hits: int = 0            # needed FFN neurons found resident
     neuron_misses: int = 0          # needed FFN neurons read from storage (or from a prefetch)
     prefetch_bytes: int = 0         # bytes read by the I/O thread ahead of use
-    prefetch_wasted: int = 0        # prefetched neurons that the layer did not need
+    prefetch_wasted: int = 0        # neurons loaded by a prefetch (guess or merged-read gap) beyond the needed ones
     neurons_needed: int = 0         # sum over layers and forwards of needed neurons
     neurons_total: int = 0          # sum over layers and forwards of ffn_dim
+    neurons_computed: int = 0       # sum over layers and tokens of neurons computed (predicted active)
+    neurons_computed_total: int = 0
     io_read_s: float = 0.0          # time spent inside reads (both threads, throttling included)
     io_wait_s: float = 0.0          # time the compute thread waited for reads
     forward_s: float = 0.0
@@ -46,10 +48,15 @@ class StreamStats:
     def active_fraction(self) -> float:
         return self.neurons_needed / self.neurons_total if self.neurons_total else 1.0
 
+    @property
+    def computed_fraction(self) -> float:
+        """Share of FFN neurons each token computes (1 without a predictor)."""
+        return self.neurons_computed / self.neurons_computed_total if self.neurons_computed_total else 1.0
+
     def summary(self) -> dict:
         return {"tokens": self.tokens, "bytes_read": self.bytes_read, "bytes_per_token": self.bytes_per_token,
                 "read_requests": self.read_requests, "neuron_hit_rate": self.hit_rate,
-                "active_neuron_fraction": self.active_fraction, "prefetch_bytes": self.prefetch_bytes,
+                "loaded_neuron_fraction": self.active_fraction, "computed_neuron_fraction": self.computed_fraction, "prefetch_bytes": self.prefetch_bytes,
                 "compute_s": self.compute_s, "io_wait_s": self.io_wait_s, "io_read_s": self.io_read_s,
                 "peak_resident_bytes": self.peak_resident, "storage": self.emulated or "real (page cache evicted)"}
 
@@ -57,7 +64,7 @@ class StreamStats:
         s = self.summary()
         return (f"streaming: {s['bytes_per_token'] / 1e6:.2f} MB read/token ({s['read_requests']} requests, "
                 f"{self.bytes_read / 1e6:.1f} MB total over {self.tokens} tokens), neuron cache hit rate "
-                f"{100 * s['neuron_hit_rate']:.1f}%, active neurons {100 * s['active_neuron_fraction']:.1f}%, "
+                f"{100 * s['neuron_hit_rate']:.1f}%, neurons loaded {100 * s['loaded_neuron_fraction']:.1f}% / computed per token {100 * s['computed_neuron_fraction']:.1f}%, "
                 f"compute {s['compute_s']:.2f} s, waiting for I/O {s['io_wait_s']:.2f} s; storage: {s['storage']}")
 
     def reset(self) -> None:

@@ -128,7 +128,7 @@ class _NeuronSlots:
         self.last_used = np.full(n_slots, -(1 << 40), dtype=np.int64)
         self.gate = np.zeros((n_slots, dim), np.float32)
         self.up = np.zeros((n_slots, dim), np.float32)
-        self.down = np.zeros((n_slots, rows), np.float32)     # down column j stored as a row
+        self.down = np.zeros((rows, n_slots), np.float32)     # down columns, as in ffn_down [rows, ffn]
         self.mins_g = np.zeros((n_slots, nb_g), np.float32) if nb_g else None
         self.mins_u = np.zeros((n_slots, nb_u), np.float32) if nb_u else None
 
@@ -137,7 +137,8 @@ class _NeuronSlots:
         self.slot_of[old[old >= 0]] = -1
         self.ids[slots] = ids
         self.slot_of[ids] = slots
-        self.gate[slots], self.up[slots], self.down[slots] = dec["gate"], dec["up"], dec["down"]
+        self.gate[slots], self.up[slots] = dec["gate"], dec["up"]
+        self.down[:, slots] = dec["down"].T
         if self.mins_g is not None:
             self.mins_g[slots] = dec["mins_g"]
         if self.mins_u is not None:
@@ -158,7 +159,7 @@ class StreamedStore(WeightStore):
     def __init__(self, bundle: BundleStore, budget: int, mode: str = "naive", ranking: np.ndarray | None = None,
                  window: int = 0, extra_resident: dict[str, int] | None = None,
                  storage: StorageModel | str | None = None, evict_page_cache: bool = True,
-                 coalesce_bytes: int = 16384, prefetch: bool = True, spec=None):
+                 coalesce_bytes: int = 4096, prefetch: bool = True, spec=None):
         if mode not in MODES:
             raise EdgeLLMError(f"unknown streaming mode {mode!r}", f"choose one of: {', '.join(MODES)}")
         if not isinstance(bundle, BundleStore):
@@ -316,14 +317,16 @@ class StreamedStore(WeightStore):
             return decode(raw, i.qtype, i.shape)
         return decode(self.io.read(int(t["offset"]), i.nbytes), i.qtype, i.shape)
 
-    def _read_span(self, names: list[str], prefetch: bool = False) -> dict[str, Tensor]:
-        """Read non-FFN tensors stored next to each other with one read and decode them."""
+    def _read_span(self, names: list[str], prefetch: bool = False, raw: bool = False):
+        """Read non-FFN tensors stored next to each other with one read and decode them (raw: just the bytes)."""
         if not names:
-            return {}
+            return (0, np.zeros(0, np.uint8), []) if raw else {}
         ts = [self.b._t[n] for n in names]
         lo = min(int(t["offset"]) for t in ts)
         hi = max(int(t["offset"]) + int(t["nbytes"]) for t in ts)
         data = self.io.read(lo, hi - lo, prefetch)
+        if raw:
+            return lo, data, names
         out = {}
         for n, t in zip(names, ts):
             i = self.b.info(n)
@@ -348,6 +351,21 @@ class StreamedStore(WeightStore):
         part = lambda p: np.ascontiguousarray(rec[:, ffn[p]["at"]:ffn[p]["at"] + ffn[p]["nbytes"]])  # noqa: E731
         down = unbundle_down(part("down"), shared, di.shape[0], self.b.down_bits[di.qtype.name])
         return {"gate": part("gate"), "up": part("up"), "down": down}
+
+    def _read_covering(self, layer: int, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Prefetch: the records of sorted ids and of every neuron a merged read passes over (they come free)."""
+        r = self.b.ffn_layout(layer)["records"]
+        base, stride = int(r["offset"]), int(r["stride"])
+        gap = max(1, self.coalesce_bytes // stride)
+        breaks = np.nonzero(np.diff(ids) > gap)[0] + 1
+        got_ids, got = [], []
+        start = 0
+        for end in [*breaks.tolist(), len(ids)]:
+            a, b = int(ids[start]), int(ids[end - 1])
+            got.append(self.io.read(base + a * stride, (b - a + 1) * stride, True).reshape(-1, stride))
+            got_ids.append(np.arange(a, b + 1))
+            start = end
+        return np.concatenate(got_ids), np.concatenate(got)
 
     def _read_records(self, layer: int, ids: np.ndarray, prefetch: bool = False) -> np.ndarray:
         """uint8 [len(ids), stride]: the records of sorted neuron ids, neighbours merged into one read."""
@@ -424,27 +442,39 @@ class StreamedStore(WeightStore):
         """Start reading layer i's streamed part (naive: the whole region; neuron: its attention block)."""
         if self._pool is None or i in self.resident_layers or ("layer", i) in self._pending:
             return
-        self._pending[("layer", i)] = self._pool.submit(self._load_layer, i, True)
+        self._pending[("layer", i)] = self._pool.submit(self._read_layer, i, True)
 
-    def _load_layer(self, i: int, prefetch: bool = False):
+    def _read_layer(self, i: int, prefetch: bool = False):
+        """The bytes of layer i's streamed part (the I/O thread's job; decoding is compute, done by the caller)."""
         names = self._attention_names(i) if self.mode == "neuron" else \
             [n for n in self._layer_names[i] if "bundled" not in self.b._t[n]]
-        dec = self._read_span(names, prefetch)
-        if self.mode == "naive":
+        span = self._read_span(names, prefetch, raw=True)
+        return span, (self._read_ffn(i, prefetch) if self.mode == "naive" else None)
+
+    def _decode_layer(self, i: int, data) -> dict[str, Tensor]:
+        (lo, blob, names), ffn = data
+        dec = {}
+        for n in names:
+            t, info = self.b._t[n], self.b.info(n)
+            dec[n] = decode(blob[int(t["offset"]) - lo:int(t["offset"]) - lo + info.nbytes], info.qtype, info.shape)
+        if ffn is not None:
             p = f"blk.{i}."
-            raw = self._ffn_raw(i, self._read_ffn(i, prefetch))
+            raw = self._ffn_raw(i, ffn)
             for part, info in zip(FFN_PARTS, self._ffn_meta(i)):
                 dec[p + part + ".weight"] = decode(raw[part[4:]], info.qtype, info.shape)
         return dec
+
+    def _load_layer(self, i: int) -> dict[str, Tensor]:
+        return self._decode_layer(i, self._read_layer(i))
 
     def layer(self, i: int) -> dict[str, Tensor]:
         """Decoded tensors of layer i: resident ones, plus the streamed part (prefetched or read now)."""
         if i in self.resident_layers:
             return self._res
-        dec = self._take(("layer", i))
-        if dec is None:
-            dec = self._sync(self._load_layer, i)
-        return {**self._res, **dec}
+        data = self._take(("layer", i))
+        if data is None:
+            data = self._sync(self._read_layer, i)
+        return {**self._res, **self._decode_layer(i, data)}
 
     def resident(self, name: str) -> Tensor:
         return self._res[name]
@@ -456,14 +486,21 @@ class StreamedStore(WeightStore):
         ids = np.asarray(ids, dtype=np.int64)
         miss = ids[self.slots[layer].slot_of[ids] < 0]
         if len(miss):
-            self._pending[("neurons", layer)] = self._pool.submit(
-                lambda: (miss, self._read_records(layer, miss, True)))
+            self._pending[("neurons", layer)] = self._pool.submit(self._read_covering, layer, miss)
 
-    def neurons(self, layer: int, ids: np.ndarray) -> dict:
-        """Decoded gate/up rows [k, dim], down [dim, k] and minimums of sorted neuron `ids` of `layer`."""
-        ids = np.asarray(ids, dtype=np.int64)
+    def neurons(self, layer: int, ids: np.ndarray) -> tuple[np.ndarray, dict]:
+        """Decoded neurons of `layer`: the sorted `ids` plus any neurons the I/O thread already read for it.
+
+        Returns (loaded ids, {gate, up [k, dim], down [dim, k], mins_g, mins_u, mins_d}). Neurons that
+        were prefetched on a guess are returned too: they cost no more I/O, so the FFN computes them.
+        """
+        ids = want_ids = np.asarray(ids, dtype=np.int64)
         s = self.slots[layer]
         st = self.stats
+        pre = self._take(("neurons", layer))
+        if pre is not None:
+            ids = np.union1d(ids, pre[0])
+            st.prefetch_wasted += len(ids) - len(np.asarray(want_ids))
         slots = s.slot_of[ids]
         hit = slots >= 0
         s.last_used[slots[hit]] = self.step
@@ -473,43 +510,43 @@ class StreamedStore(WeightStore):
         st.neurons_needed += len(ids)
         st.neurons_total += len(s.slot_of)
         k = len(ids)
-        dim, rows = s.gate.shape[1], s.down.shape[1]
+        if not len(miss) and k == len(s.ids) and (slots == np.arange(k)).all():
+            # the whole layer is resident in id order: compute on the slots themselves, no copies
+            return ids, {"gate": s.gate, "up": s.up, "down": s.down, "mins_g": s.mins_g, "mins_u": s.mins_u,
+                         "mins_d": self._down_mins[layer]}
+        dim, rows = s.gate.shape[1], s.down.shape[0]
         out = {"gate": np.empty((k, dim), np.float32), "up": np.empty((k, dim), np.float32),
-               "down_rows": np.empty((k, rows), np.float32),
+               "down": np.empty((rows, k), np.float32),
                "mins_g": None if s.mins_g is None else np.empty((k, s.mins_g.shape[1]), np.float32),
                "mins_u": None if s.mins_u is None else np.empty((k, s.mins_u.shape[1]), np.float32)}
         hs = slots[hit]
-        out["gate"][hit], out["up"][hit], out["down_rows"][hit] = s.gate[hs], s.up[hs], s.down[hs]
+        out["gate"][hit], out["up"][hit] = s.gate[hs], s.up[hs]
+        out["down"][:, hit] = s.down[:, hs]
         if s.mins_g is not None:
             out["mins_g"][hit] = s.mins_g[hs]
         if s.mins_u is not None:
             out["mins_u"][hit] = s.mins_u[hs]
-        pre = self._take(("neurons", layer))
         if len(miss):
             rec = np.empty((len(miss), self.b.neuron_span(layer, 0)[1]), np.uint8)
             have = np.zeros(len(miss), bool)
             if pre is not None:
                 pids, prec = pre
-                pos = np.searchsorted(pids, miss)
-                pos[pos >= len(pids)] = 0
+                pos = np.minimum(np.searchsorted(pids, miss), len(pids) - 1)
                 have = pids[pos] == miss
                 rec[have] = prec[pos[have]]
-                st.prefetch_wasted += len(pids) - int(have.sum())
             if (~have).any():
                 rec[~have] = self._sync(self._read_records, layer, miss[~have])
             dec = self._decode_records(layer, miss, rec)
-            out["gate"][~hit], out["up"][~hit], out["down_rows"][~hit] = dec["gate"], dec["up"], dec["down"]
+            out["gate"][~hit], out["up"][~hit] = dec["gate"], dec["up"]
+            out["down"][:, ~hit] = dec["down"].T
             if s.mins_g is not None:
                 out["mins_g"][~hit] = dec["mins_g"]
             if s.mins_u is not None:
                 out["mins_u"][~hit] = dec["mins_u"]
             if self.window > 0:
                 self._admit(s, miss, dec)
-        elif pre is not None:
-            st.prefetch_wasted += len(pre[0])
-        out["down"] = np.ascontiguousarray(out.pop("down_rows").T)
         out["mins_d"] = self._down_mins[layer]
-        return out
+        return ids, out
 
     def _admit(self, s: _NeuronSlots, ids: np.ndarray, dec: dict) -> None:
         """Windowing: put just-read neurons into slots no token of the last `window` tokens used (oldest first)."""

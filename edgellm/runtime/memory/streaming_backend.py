@@ -50,9 +50,12 @@ class StreamingBackend(Backend):
         c, p, st = self.cfg, f"blk.{i}.", self.store
         T = x.shape[0]
         W = st.layer(i)
-        if st.mode == "neuron" and self.predictor is not None and self.prefetch:
-            guess = self.predictor.predict(i, rms_norm(x, W[p + "ffn_norm.weight"].w, c.norm_eps))
-            st.prefetch_neurons(i, np.nonzero(guess.any(axis=0))[0])
+        if st.mode == "neuron" and self.prefetch:    # overlap reading this layer's neurons with its attention
+            if self.predictor is None:
+                st.prefetch_neurons(i, np.arange(c.ffn_dim))
+            else:
+                guess = self.predictor.predict(i, rms_norm(x, W[p + "ffn_norm.weight"].w, c.norm_eps))
+                st.prefetch_neurons(i, np.nonzero(guess.any(axis=0))[0])
         if self.prefetch:
             st.prefetch_layer((i + 1) % c.n_layers)
         h = rms_norm(x, W[p + "attn_norm.weight"].w, c.norm_eps)
@@ -71,17 +74,15 @@ class StreamingBackend(Backend):
         return x + self.ffn(i, h)
 
     def ffn(self, i: int, h: np.ndarray) -> np.ndarray:
-        st, ffn_dim = self.store, self.cfg.ffn_dim
-        mask = None
-        if self.predictor is not None:
-            active = self.predictor.predict(i, h)
-            ids = np.nonzero(active.any(axis=0))[0]
-            mask = active[:, ids]
-            if mask.all():
-                mask = None
-        else:
-            ids = np.arange(ffn_dim)
-        n = st.neurons(i, ids)
+        st, ffn_dim, T = self.store, self.cfg.ffn_dim, h.shape[0]
+        active = self.predictor.predict(i, h) if self.predictor is not None else None
+        want = np.arange(ffn_dim) if active is None else np.nonzero(active.any(axis=0))[0]
+        ids, n = st.neurons(i, want)            # `want` plus neurons already prefetched on a guess
+        mask = None if active is None else active[:, ids] | np.isin(ids, want, invert=True)[None, :]
+        if mask is not None and mask.all():
+            mask = None
+        st.stats.neurons_computed += T * len(ids) if mask is None else int(mask.sum())
+        st.stats.neurons_computed_total += T * ffn_dim
         qt = tuple(st.info(f"blk.{i}.{f}.weight").qtype for f in ("ffn_gate", "ffn_up", "ffn_down"))
         return sparse_ffn(h, ids, ffn_dim, n["gate"], n["up"], n["down"], qt, (n["mins_g"], n["mins_u"], n["mins_d"]),
                           mask, self.act_quant)

@@ -1,0 +1,206 @@
+"""The `tvm-relax` backend: one Relax VM call per token (or per prompt chunk) instead of one call per kernel.
+
+edgellm.compiler.relax_build lowers the whole forward pass (embedding, every layer, final norm, lm_head) into
+Relax functions compiled into one VM executable. Weights are function parameters, bound here from the
+weight store (so the library stays small); the KV cache is updated in place by the executable. Like the
+`tvm` backend it needs only the TVM runtime (tvm_ffi + libtvm_runtime.so): the executable is loaded through
+the library's own `vm_load_executable` entry point, never through the `tvm` compiler package.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import EdgeLLMError
+from .backend import Backend
+from .config import ModelConfig
+from .kv_cache import KVCache
+from .model import rope_tables
+from .tvm_backend import Buffer, TvmKVCache, _runtime, load_library
+from .weights import WeightStore
+
+RELAX_LIBRARY = "kernels/relax.so"   # where `edgellm compile` puts the executable inside a bundle
+RELAX_ABI = 1            # bump when a function's parameters or semantics change
+FUNCTIONS = ("decode", "prefill", "prefill_last")   # T=1 -> [1, vocab]; T rows -> [T, vocab]; T rows -> [1, vocab]
+_CPU, _POOLED = 1, 2     # DLPack kDLCPU; the VM's pooled allocator (relax.VirtualMachine's default)
+
+
+def relax_signature(cfg: ModelConfig) -> str:
+    """Name of a marker function in the executable: the hash of every config field baked into it."""
+    fields = (cfg.n_layers, cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim, cfg.vocab_size,
+              float(cfg.norm_eps), cfg.rope_dim, bool(cfg.rope_neox), bool(cfg.attn_bias),
+              bool(cfg.tied_embeddings), RELAX_ABI)
+    return "edgellm_relax_" + hashlib.sha256(repr(fields).encode()).hexdigest()[:16]
+
+
+def weight_params(cfg: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
+    """The contract between compiler and runtime: the weight parameters of every function, in order.
+
+    q/k/v are one merged matrix (rows q, then k, then v), gate/up one matrix (rows gate, then up), so each
+    layer runs 4 GEMVs; `attn_qkv.bias` only for models with attention biases (qwen2)."""
+    qkv = (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim
+    out = [("token_embd", (cfg.vocab_size, cfg.dim))]
+    for i in range(cfg.n_layers):
+        p = f"blk.{i}."
+        out += [(p + "attn_norm", (cfg.dim,)), (p + "attn_qkv", (qkv, cfg.dim))]
+        if cfg.attn_bias:
+            out.append((p + "attn_qkv.bias", (qkv,)))
+        out += [(p + "attn_output", (cfg.dim, cfg.n_heads * cfg.head_dim)), (p + "ffn_norm", (cfg.dim,)),
+                (p + "ffn_gate_up", (2 * cfg.ffn_dim, cfg.dim)), (p + "ffn_down", (cfg.dim, cfg.ffn_dim))]
+    out.append(("output_norm", (cfg.dim,)))
+    if not cfg.tied_embeddings:
+        out.append(("output", (cfg.vocab_size, cfg.dim)))
+    return out
+
+
+def _weight_array(w: WeightStore, name: str, w_cfg: ModelConfig) -> np.ndarray:
+    """One parameter of weight_params from the store's (dequantized) tensors; merged ones concatenated."""
+    g = lambda n: np.asarray(w.get(n), dtype=np.float32)  # noqa: E731
+    if name.endswith("attn_qkv"):
+        return np.concatenate([g(f"{name[:-3]}{x}.weight") for x in "qkv"])
+    if name.endswith("attn_qkv.bias"):
+        p, c = name[:-len("qkv.bias")], w_cfg
+        sizes = {"q": c.n_heads * c.head_dim, "k": c.n_kv_heads * c.head_dim, "v": c.n_kv_heads * c.head_dim}
+        return np.concatenate([g(p + x + ".bias") if p + x + ".bias" in w else np.zeros(sizes[x], np.float32)
+                               for x in "qkv"])
+    if name.endswith("ffn_gate_up"):
+        return np.concatenate([g(name[:-len("gate_up")] + "gate.weight"), g(name[:-len("gate_up")] + "up.weight")])
+    return g(name + ".weight")
+
+
+class RelaxBackend(Backend):
+    """Runs the model with a Relax VM executable from edgellm.compiler.relax_build through the TVM runtime.
+
+    A prompt runs in chunks of up to `chunk` tokens through `prefill` / `prefill_last` (T symbolic), a
+    generated token through `decode`: one VM call each."""
+
+    name = "tvm-relax"
+
+    def __init__(self, cfg: ModelConfig, weights: WeightStore, library: str | os.PathLike,
+                 threads: int | None = None, chunk: int = 32):
+        self.cfg = cfg
+        self.weights = weights
+        self.threads = threads
+        self.chunk = max(1, int(chunk))
+        self.library = Path(library)
+        self.lib = load_library(library)
+        self._ready = False
+
+    def _set_threads(self, ffi) -> None:
+        """As TvmBackend: `threads`, else the physical cores; TVM reads TVM_NUM_THREADS at its first parallel run."""
+        import psutil
+        n = int(self.threads or psutil.cpu_count(logical=False) or os.cpu_count() or 1)
+        os.environ["TVM_NUM_THREADS"] = str(n)
+        ffi.get_global_func("runtime.config_threadpool")(1, n)
+        self.threads_used = int(ffi.get_global_func("runtime.NumThreads")())
+
+    def prepare(self) -> None:
+        """Create the VM, check it was built for this model, bind the weights (float32, aligned), once."""
+        if self._ready:
+            return
+        ffi = _runtime()
+        self._set_threads(ffi)
+        try:
+            vm = self.lib["vm_load_executable"]()
+        except Exception as e:  # noqa: BLE001 - AttributeError or a TVM error
+            raise EdgeLLMError(f"{self.library} is not a Relax VM executable ({e})",
+                               "build it with edgellm.compiler.relax_build.build_relax") from None
+        vm["vm_initialization"](_CPU, 0, _POOLED)
+        self.vm = vm
+        try:
+            vm[relax_signature(self.cfg)]
+            self.fns = {n: vm[n] for n in FUNCTIONS}
+        except Exception:  # noqa: BLE001
+            raise EdgeLLMError(f"Relax executable {self.library} was not compiled for this model configuration",
+                               "recompile it for this model (edgellm.compiler.relax_build.build_relax)") from None
+        self._w = [Buffer(_weight_array(self.weights, n, self.cfg)) for n, _ in weight_params(self.cfg)]
+        self.params = [b.t for b in self._w]
+        self._ids: dict[int, tuple[np.ndarray, object]] = {}
+        self._rope_n = 0
+        self._ready = True
+
+    def _rope(self, n_ctx: int):
+        if n_ctx > self._rope_n:
+            cos, sin = rope_tables(self.cfg, np.arange(n_ctx))
+            self.cos, self.sin = Buffer(cos), Buffer(sin)
+            self._rope_n = n_ctx
+        return self.cos.t, self.sin.t
+
+    def _ids_tensor(self, tokens: np.ndarray):
+        """An int32 tensor of the chunk's token ids (one buffer per chunk length, reused)."""
+        T = len(tokens)
+        if T not in self._ids:
+            a = np.zeros(T, np.int32)
+            self._ids[T] = (a, _runtime().from_dlpack(a))
+        a, t = self._ids[T]
+        a[:] = tokens
+        return t
+
+    def new_cache(self, n_ctx: int) -> KVCache:
+        return TvmKVCache(self.cfg, n_ctx)
+
+    def _call(self, fn: str, tokens: np.ndarray, pos: int, kv: TvmKVCache) -> np.ndarray:
+        ffi = _runtime()
+        cos, sin = self._rope(kv.n_ctx)
+        out = self.fns[fn](self._ids_tensor(tokens), ffi.Shape([pos]), kv.tk, kv.tv, cos, sin, *self.params)
+        return np.from_dlpack(out).copy()
+
+    def forward(self, tokens, pos, kv, all_logits=False):
+        """Tokens at positions pos..: logits [T, vocab] (all_logits) or [1, vocab] for the last position."""
+        if not isinstance(kv, TvmKVCache):
+            raise EdgeLLMError("the tvm-relax backend needs a KV cache from its own new_cache()",
+                               "create the cache with backend.new_cache(n_ctx)")
+        self.prepare()
+        tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        if pos + len(tokens) > kv.n_ctx:
+            raise EdgeLLMError(f"context full: {pos + len(tokens)} tokens do not fit in n_ctx={kv.n_ctx}",
+                               "pass a larger n_ctx (--ctx) or a shorter prompt / max_tokens")
+        if (tokens < 0).any() or (tokens >= self.cfg.vocab_size).any():
+            raise EdgeLLMError(f"token id out of range 0..{self.cfg.vocab_size - 1}", "check the tokenizer")
+        out = []
+        for start in range(0, len(tokens), self.chunk):
+            chunk = tokens[start:start + self.chunk]
+            last = start + len(chunk) == len(tokens)
+            fn = "decode" if len(chunk) == 1 else ("prefill" if all_logits else "prefill_last")
+            logits = self._call(fn, chunk, pos + start, kv)
+            if all_logits or last:
+                out.append(logits)
+        kv.length = pos + len(tokens)
+        return np.concatenate(out, axis=0)
+
+
+def main(argv=None) -> int:
+    """`python -m edgellm.runtime.relax_backend --model M --library L --prompt P`: greedy ids as JSON
+    (a device smoke test, run by the tests under qemu for ARM)."""
+    import argparse
+    import json
+    import platform
+    import time
+
+    from .loader import load_model
+    from .tvm_backend import greedy
+    ap = argparse.ArgumentParser(prog="python -m edgellm.runtime.relax_backend")
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--library", required=True)
+    ap.add_argument("--prompt", default="Once upon a time")
+    ap.add_argument("-n", "--n-tokens", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=None)
+    a = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    m = load_model(a.model)
+    be = RelaxBackend(m.config, m.weights, a.library, a.threads)
+    be.prepare()
+    t1 = time.perf_counter()
+    prompt = m.tokenizer.encode(a.prompt)
+    ids = greedy(be, prompt, a.n_tokens)
+    print(json.dumps({"machine": platform.machine(), "prompt_ids": [int(t) for t in prompt], "ids": ids,
+                      "text": m.tokenizer.decode(ids), "load_s": round(t1 - t0, 3),
+                      "generate_s": round(time.perf_counter() - t1, 3)}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
