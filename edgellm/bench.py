@@ -121,7 +121,7 @@ def _child_main(argv: list[str]) -> int:
     """`<bench.py loaded by path> JOB.json OUT.json`: run one engine once, write its measurements."""
     job = json.loads(Path(argv[0]).read_text())
     rss_before = _peak_rss_mb()
-    run = {"edgellm": _child_edgellm, "llama.cpp": _child_llamacpp}[job["engine"]]
+    run = _child_llamacpp if job["engine"] == "llama.cpp" else _child_edgellm
     try:
         out = run(job)
     except Exception as e:
@@ -163,8 +163,12 @@ def _run_child(engine: str, job: dict, workdir: Path, tag: str, timeout: float |
     job_path.write_text(json.dumps({**job, "engine": engine}))
     pkg_root = str(Path(__file__).resolve().parent.parent)   # so the child imports this same edgellm
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (pkg_root, os.environ.get("PYTHONPATH")) if p))
-    proc = subprocess.run([sys.executable, "-c", _BOOT, str(Path(__file__).resolve()), str(job_path), str(out_path)],
-                          capture_output=True, text=True, env=env, timeout=timeout)
+    try:
+        proc = subprocess.run([sys.executable, "-c", _BOOT, str(Path(__file__).resolve()), str(job_path),
+                               str(out_path)], capture_output=True, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise _error(f"the {engine} benchmark process took longer than {timeout} s",
+                     "pass fewer --gen-tokens or --prompt-tokens, or run on a less loaded machine") from None
     if out_path.exists() and "error" in (out := json.loads(out_path.read_text())):
         raise _error(f"{engine} could not run: {out['error']}")
     if proc.returncode != 0 or not out_path.exists():
@@ -192,13 +196,28 @@ def _version(dist: str) -> str | None:
         return None
 
 
+def _git_revision() -> str | None:
+    """`<commit>[+dirty]` of the edgellm checkout being measured, or None outside a git checkout."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        rev = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if rev.returncode:
+        return None
+    return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
 def machine_info() -> dict:
     import psutil
     import edgellm
     return {"cpu": _cpu_model(), "logical_cores": os.cpu_count(), "physical_cores": psutil.cpu_count(logical=False),
             "platform": platform.platform(), "python": platform.python_version(),
             "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "edgellm_version": edgellm.__version__, "llama_cpp_version": _version("llama-cpp-python"),
+            "edgellm_version": edgellm.__version__, "edgellm_git": _git_revision(), "llama_cpp_version": _version("llama-cpp-python"),
             "numpy_version": _version("numpy")}
 
 
@@ -253,8 +272,13 @@ def _check_args(model_path: Path, prompt_tokens, gen_tokens, threads, reps, engi
 
 def run_bench(model: str = "smollm2-135m", prompt_tokens: int = 64, gen_tokens: int = 128, threads: int = 2,
               reps: int = 3, engines=ENGINES, backend: str = "numpy", out_json=None, progress: bool = False,
-              timeout: float | None = None) -> dict:
-    """Benchmark `engines` on one model and prompt; returns every rep, the medians and the ratios."""
+              timeout: float | None = None, bundle: str | None = None) -> dict:
+    """Benchmark `engines` on one model and prompt; returns every rep, the medians and the ratios.
+
+    `backend` may list several edgellm backends ("numpy,tvm,onnxruntime"): each becomes its own engine
+    "edgellm:<backend>", all run on `bundle` (a compiled bundle of the same model) when given, while llama.cpp
+    runs the .gguf `model`.
+    """
     from edgellm.hub import resolve_model, sha256_file
     from edgellm.runtime.loader import load_model
 
@@ -270,6 +294,16 @@ def run_bench(model: str = "smollm2-135m", prompt_tokens: int = 64, gen_tokens: 
     del loaded
     job = {"model_path": str(model_path), "ids": ids, "gen_tokens": gen_tokens, "threads": threads,
            "n_ctx": n_ctx, "backend": backend}
+    backends = [b.strip() for b in backend.split(",") if b.strip()]
+    edge_path = str(Path(bundle).resolve()) if bundle else str(model_path)
+    per_engine = {}
+    for e in engines:
+        if e != "edgellm":
+            per_engine[e] = {}
+            continue
+        for b in backends:
+            per_engine["edgellm" if len(backends) == 1 else f"edgellm:{b}"] = {"backend": b, "model_path": edge_path}
+    engines = tuple(per_engine)
     result = {
         "config": {"model": str(model), "model_path": str(model_path),
                    "model_sha256": sha256_file(model_path)[:16] if model_path.is_file() else None,
@@ -285,7 +319,7 @@ def run_bench(model: str = "smollm2-135m", prompt_tokens: int = 64, gen_tokens: 
             for e in engines:
                 if progress:
                     print(f"edgellm bench: rep {rep + 1}/{reps} {e} ...", file=sys.stderr, flush=True)
-                result["runs"][e].append(_run_child(e, job, Path(tmp), f"{rep}-{e}", timeout))
+                result["runs"][e].append(_run_child(e, {**job, **per_engine[e]}, Path(tmp), f"{rep}-{e}", timeout))
     busy1, ours1, wall1 = *_busy_cpu_s(), time.perf_counter()
     # Cores kept busy by everything else on the machine while the benchmark ran (0 on a quiet machine).
     result["machine"]["other_load_cores"] = max(0.0, (busy1 - busy0) - (ours1 - ours0)) / (wall1 - wall0)
@@ -304,10 +338,11 @@ def summarize(runs: dict[str, list[dict]]) -> tuple[dict, dict]:
 
 def ratios(medians: dict) -> dict:
     """edgellm/llama.cpp for every metric (tokens/s: >1 means edgellm is faster; s and MB: >1 means more)."""
-    if not all(e in medians for e in ENGINES):
+    if "llama.cpp" not in medians:
         return {}
-    a, b = medians["edgellm"], medians["llama.cpp"]
-    return {"edgellm/llama.cpp": {m: (a[m] / b[m] if b[m] else float("nan")) for m in METRICS}}
+    b = medians["llama.cpp"]
+    return {f"{e}/llama.cpp": {m: (a[m] / b[m] if b[m] else float("nan")) for m in METRICS}
+            for e, a in medians.items() if e.startswith("edgellm")}
 
 
 def format_report(result: dict) -> str:
@@ -343,7 +378,10 @@ def build_parser(prog: str = "edgellm bench") -> argparse.ArgumentParser:
     p.add_argument("--reps", type=int, default=3, metavar="N", help="repetitions per engine, alternating (default 3)")
     p.add_argument("--engines", default=",".join(ENGINES), metavar="LIST",
                    help=f"comma-separated engines to run (default {','.join(ENGINES)})")
-    p.add_argument("--backend", default="numpy", help="edgellm backend (default numpy)")
+    p.add_argument("--backend", default="numpy",
+                   help="edgellm backend(s), comma-separated: numpy, tvm, tvm-relax, onnxruntime (default numpy)")
+    p.add_argument("--bundle", default=None, metavar="DIR",
+                   help="run edgellm on this compiled bundle of --model (needed for tvm / onnxruntime)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write every rep, medians and machine info here")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
     return p
@@ -355,7 +393,7 @@ def main(argv: list[str] | None = None, prog: str = "edgellm bench") -> int:
     try:
         result = run_bench(args.model, args.prompt_tokens, args.gen_tokens, args.threads, args.reps,
                            tuple(e.strip() for e in args.engines.split(",") if e.strip()), args.backend,
-                           args.json, progress=not args.quiet)
+                           args.json, progress=not args.quiet, bundle=args.bundle)
     except EdgeLLMError as e:
         print(f"edgellm: error: {e}", file=sys.stderr)
         return 2

@@ -368,6 +368,10 @@ def _one_line(e: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:          # bench has its own parser (edgellm.bench) and its own error handling
+        from .bench import main as bench_main
+        return bench_main(argv[1:])
     try:
         args = build_parser().parse_args(argv)
         return args.func(args)

@@ -12,7 +12,7 @@ import re
 import pytest
 
 import edgellm.bench as bench
-from conftest import require_llama_cpp
+from conftest import require, require_llama_cpp
 from edgellm.errors import EdgeLLMError
 from edgellm.hub import sha256_file
 from edgellm.runtime.loader import load_model
@@ -157,3 +157,17 @@ def test_bad_arguments_fail_before_running(tiny, kwargs, match):
 def test_main_reports_errors_with_exit_2(tiny, capsys):
     assert bench.main(["--model", str(tiny), "--engines", "nope", "-q"]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_several_backends_on_a_bundle_each_get_a_ratio(tmp_path):
+    require_llama_cpp()
+    require("onnxruntime", "the onnxruntime backend")
+    import edgellm
+    from edgellm.bench import run_bench
+    from tinymodels import TinySpec, write_tiny_gguf
+    gguf = write_tiny_gguf(tmp_path / "t.gguf", TinySpec())
+    bundle = edgellm.compile(gguf, "x86-64", tmp_path / "b", backends=("onnxruntime",), log=lambda m: None).bundle
+    r = run_bench(str(gguf), prompt_tokens=8, gen_tokens=4, reps=1, backend="numpy,onnxruntime", bundle=str(bundle))
+    assert set(r["runs"]) == {"edgellm:numpy", "edgellm:onnxruntime", "llama.cpp"}
+    assert set(r["ratios"]) == {"edgellm:numpy/llama.cpp", "edgellm:onnxruntime/llama.cpp"}
+    assert all(m["decode_tps"] > 0 for m in r["median"].values())

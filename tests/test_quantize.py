@@ -114,8 +114,6 @@ def test_calibration_never_touches_hamlet(shakespeare_dir):
 
 
 def test_calibration_rejects_hamlet_and_too_little_text(shakespeare_dir):
-    from edgellm.runtime.tokenizer import Tokenizer  # noqa: F401  (tokenizer type used by the loader)
-
     class ByteTok:
         add_bos = False
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -65,7 +64,8 @@ def parse_scheme(spec: str, args) -> QuantConfig:
             g = int(p[1:])
         elif p in ("asym", "fmin"):
             sym, zero = False, ("int" if p == "asym" else "fp16")
-    return QuantConfig(parts[0], group_size=g, symmetric=sym, zero=zero, kv_int8=args.kv_int8, calib_tokens=args.calib_tokens,
+    return QuantConfig(parts[0], group_size=g, symmetric=sym, zero=zero, kv_int8=args.kv_int8,
+                       calib_tokens=args.calib_tokens,
                        smooth=not args.no_smooth, clip_search=not args.no_clip, prob_bits=args.prob_bits,
                        qk_smooth=not args.no_qk_smooth)
 
@@ -140,7 +140,8 @@ def main(argv=None) -> int:
         r = perplexity(scorer, tokens, n_ctx=args.ctx, max_chunks=args.chunks, progress=False)
         rows.append(dict(scheme=label, mode=mode, bpw=bpw, bytes=nbytes, ppl=r.ppl, err=r.ppl_err,
                          seconds=time.perf_counter() - t0))
-        print(f"  {label:<18} {mode:<8} ppl {r.ppl:.4f}  ({time.perf_counter() - t0:.0f}s)", file=sys.stderr, flush=True)
+        print(f"  {label:<18} {mode:<8} ppl {r.ppl:.4f}  ({time.perf_counter() - t0:.0f}s)",
+              file=sys.stderr, flush=True)
 
     if not args.no_float:
         n_el = sum(int(np.prod(m.weights.info(n).shape)) for n in m.weights.names()
@@ -162,7 +163,8 @@ def main(argv=None) -> int:
     reports = {}
     for spec in [s for s in args.schemes.split(",") if s]:
         qc = parse_scheme(spec, args)
-        tag = f"{qc.label}{'-kv8' if qc.kv_int8 else ''}{'' if qc.smooth else '-nosmooth'}{'' if qc.clip_search else '-noclip'}{'' if qc.qk_smooth else '-noqk'}"
+        tag = (f"{qc.label}{'-kv8' if qc.kv_int8 else ''}{'' if qc.smooth else '-nosmooth'}"
+               f"{'' if qc.clip_search else '-noclip'}{'' if qc.qk_smooth else '-noqk'}")
         path = cache / f"{Path(args.model).stem}.{tag}.c{qc.calib_tokens}.npz"
         if path.exists():
             qm = QuantizedModel.load(path)

@@ -175,10 +175,10 @@ class QuantizedModel:
         """Bytes of the whole model as stored (int8 embedding/head, float norm vectors, calibration constants)."""
         total = 0
         for k, a in self.tensors.items():
-            if k.endswith(".q") and k != "token_embd.q" and self.qconfig.w_bits == 4:
-                shape = (a.shape[0], a.shape[1] * 2)
-                total += linear_nbytes(shape, self.qconfig)
-            elif k.endswith(".zero") or k.endswith(".min") or (k.endswith(".scale") and self.qconfig.w_bits == 4 and k != "token_embd.scale"):
+            w4 = self.qconfig.w_bits == 4 and k.startswith("blk.")
+            if w4 and k.endswith(".q"):
+                total += linear_nbytes((a.shape[0], a.shape[1] * 2), self.qconfig)
+            elif w4 and k.endswith((".scale", ".zero", ".min")):
                 continue   # counted with their codes
             else:
                 total += a.nbytes

@@ -51,8 +51,9 @@ def calibration_chunks(tokenizer, texts: list[str] | list[Path], n_tokens: int, 
             break
     have = len(chunks) * n_ctx
     if have < max(n_tokens, MIN_TOKENS):
-        raise EdgeLLMError(f"calibration text gives {have + len(buf)} tokens, fewer than the {max(n_tokens, MIN_TOKENS)} "
-                           f"needed ({n_ctx}-token chunks)", "pass more text (more plays) or lower calib_tokens")
+        need = max(n_tokens, MIN_TOKENS)
+        raise EdgeLLMError(f"calibration text gives {have + len(buf)} tokens, fewer than the {need} needed "
+                           f"({n_ctx}-token chunks)", "pass more text (more plays) or lower calib_tokens")
     if getattr(tokenizer, "add_bos", False) and getattr(tokenizer, "bos_id", None) is not None:
         for c in chunks:
             c[0] = tokenizer.bos_id

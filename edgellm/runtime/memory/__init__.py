@@ -20,7 +20,7 @@ __all__ = ["make_budgeted_model", "parse_budget", "minimum_resident_set", "check
 
 def make_budgeted_model(loaded, budget, mode: str = "naive", predictor=None, window: int = 0, prefetch: bool = True,
                         storage=None, threads: int | None = None, act_quant: str = "ggml",
-                        evict_page_cache: bool = True, coalesce_bytes: int = 4096,
+                        evict_page_cache: bool = True, coalesce_bytes: int | None = None,
                         profile: NeuronProfile | None = None) -> StreamingBackend:
     """A StreamingBackend for a loaded bundle under `budget` ("60MB", "35%", or bytes).
 
@@ -29,6 +29,8 @@ def make_budgeted_model(loaded, budget, mode: str = "naive", predictor=None, win
     predictor: None, True/"bundle" (the bundle's neurons.npz; an error naming --profile-neurons if it
     has none) or a NeuronProfile. window: keep neurons used by the last k tokens (neuron mode).
     storage: None (real device, page cache evicted) or "microsd"/"emmc"/"ufs"/"nvme"/StorageModel (emulated).
+    coalesce_bytes: merge neighbouring neuron reads across gaps up to this size (default: one page on the
+    real device; latency x bandwidth of an emulated one, where a gap costs less than another request).
     profile: a NeuronProfile to use instead of the bundle's (with a predictor, its ranking picks the resident
     hot neurons).
     """

@@ -159,19 +159,21 @@ class StreamedStore(WeightStore):
     def __init__(self, bundle: BundleStore, budget: int, mode: str = "naive", ranking: np.ndarray | None = None,
                  window: int = 0, extra_resident: dict[str, int] | None = None,
                  storage: StorageModel | str | None = None, evict_page_cache: bool = True,
-                 coalesce_bytes: int = 4096, prefetch: bool = True, spec=None):
+                 coalesce_bytes: int | None = None, prefetch: bool = True, spec=None):
         if mode not in MODES:
             raise EdgeLLMError(f"unknown streaming mode {mode!r}", f"choose one of: {', '.join(MODES)}")
         if not isinstance(bundle, BundleStore):
             raise EdgeLLMError("a memory budget needs a compiled bundle (its weights.bin has the streaming layout)",
                                "compile the model first: edgellm compile MODEL -o BUNDLE_DIR, then run the bundle")
         self.b, self.mode, self.budget, self.window = bundle, mode, int(budget), int(window)
+        storage = get_storage_model(storage)
+        if coalesce_bytes is None:   # merge reads across a gap when reading it costs less than one more request
+            coalesce_bytes = int(storage.latency_us * 1e-6 * storage.read_mb_s * 1e6) if storage else 4096
         self.coalesce_bytes = int(coalesce_bytes)
         self.extra = dict(extra_resident or {})
         self.minimum = minimum_resident_set(bundle, mode, self.extra.get("predictor", 0))
         check_budget(self.budget, self.minimum, spec)
         self.n_layers = len(bundle.layers)
-        storage = get_storage_model(storage)
         self.stats = StreamStats(emulated=storage.label if storage else None)
         self.io = _Reader(bundle.file, self.stats, storage, evict_page_cache)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="edgellm-prefetch") if prefetch else None
