@@ -48,6 +48,14 @@ def _model_options(p: argparse.ArgumentParser, positional: bool = False) -> None
     p.add_argument("-t", "--threads", type=_positive_int, default=None, metavar="N",
                    help="CPU threads (default: physical cores)")
     p.add_argument("-c", "--ctx", type=_positive_int, default=None, metavar="N", help="context size in tokens")
+    p.add_argument("--memory-budget", default=None, metavar="SIZE",
+                   help="hold at most SIZE of weights in memory (e.g. 60MB or 50%%), streaming the rest from "
+                        "the bundle's weights.bin (needs a compiled bundle)")
+    p.add_argument("--stream-mode", default="neuron", choices=["naive", "neuron", "sparse"],
+                   help="with --memory-budget: naive (whole layers), neuron (per-neuron reads, default) or "
+                        "sparse (neurons the bundle's predictor selects; compile with --profile-neurons)")
+    p.add_argument("--storage", default=None, choices=["microsd", "emmc", "ufs", "nvme"],
+                   help="with --memory-budget: throttle reads to EMULATE this storage device")
     p.add_argument("--backend", default="numpy",
                    help="numpy (reference, default), or for a compiled bundle: tvm, tvm-relax, onnxruntime")
     p.add_argument("--verbose", action="store_true", help="print loading details")
@@ -76,7 +84,8 @@ def _gen_kwargs(args) -> dict:
 def _load(args, n_ctx: int | None = None):
     from .runtime.llm import LLM
     path = resolve_model(args.model)
-    return LLM(path, threads=args.threads, n_ctx=n_ctx or args.ctx, backend=args.backend, verbose=args.verbose)
+    return LLM(path, threads=args.threads, n_ctx=n_ctx or args.ctx, backend=args.backend, verbose=args.verbose,
+               memory_budget=args.memory_budget, stream_mode=args.stream_mode, storage=args.storage)
 
 
 def _err(msg: str) -> None:
@@ -121,6 +130,10 @@ def cmd_run(args) -> int:
         _err(f"load {t.load_s:.2f} s, prefill {t.prefill_s:.3f} s, decode {t.decode_s:.3f} s "
              f"({t.decode_steps} steps), finish: {r.finish_reason}, backend {args.backend}, "
              f"threads {llm.threads}, n_ctx {llm.n_ctx}, RSS {rss:.0f} MiB")
+        store, stats = getattr(llm.backend, "store", None), getattr(llm.backend, "stats", None)
+        if stats is not None and hasattr(store, "describe"):      # memory-budget streaming
+            _err(store.describe())
+            _err(stats.format())
     return 0
 
 
@@ -319,6 +332,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--with-wheels", action="store_true",
                    help="download the device's Python wheels into the bundle for an offline install")
     p.add_argument("--device-python", default="3.11", help="Python version on the device (with --with-wheels)")
+    p.add_argument("--profile-neurons", action="store_true",
+                   help="rank FFN neurons and train activation predictors on --calibration text (for "
+                        "`run --memory-budget ... --stream-mode sparse`)")
+    p.add_argument("--calibration", default=None, metavar="FILE_OR_DIR", help="calibration text (.txt)")
+    p.add_argument("--sparsity", type=float, default=0.5, help="target FFN sparsity for --profile-neurons")
     p.set_defaults(func=cmd_compile)
 
     p = sub.add_parser("targets", help="list compilation targets and their settings",
@@ -341,6 +359,7 @@ def cmd_compile(args) -> int:
     backends = tuple(b for b in args.backends.split(",") if b)
     res = compile_model(args.model, args.target, args.output, backends=backends, quant=args.quant,
                         report=args.report, with_wheels=args.with_wheels, device_python=args.device_python,
+                        profile_neurons=args.profile_neurons, calibration=args.calibration, sparsity=args.sparsity,
                         log=lambda m: print(m, file=sys.stderr))
     for line in res.report:
         print(line)

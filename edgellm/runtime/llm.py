@@ -82,7 +82,8 @@ class LLM:
 
     def __init__(self, model: str | os.PathLike = "smollm2-135m", *, threads: int | None = None,
                  n_ctx: int | None = None, backend: str = "numpy", verbose: bool = False,
-                 allow_target_mismatch: bool = False):
+                 allow_target_mismatch: bool = False, memory_budget: str | int | None = None,
+                 stream_mode: str = "neuron", storage: str | None = None):
         t0 = time.perf_counter()
         m = load_model(model, allow_target_mismatch=allow_target_mismatch)
         self.config, self.tokenizer, self.path, self.metadata = m.config, m.tokenizer, m.path, m.metadata
@@ -91,7 +92,16 @@ class LLM:
         self.n_ctx = n_ctx if n_ctx is not None else min(DEFAULT_CTX, self.config.context_length)
         if self.n_ctx <= 0 or self.n_ctx > (1 << 20):
             raise EdgeLLMError(f"n_ctx={self.n_ctx} is out of range", "pass a context size such as 2048")
-        self.backend = make_backend(backend, m, self.threads)
+        if memory_budget is not None:
+            # weights beyond the budget stay in the bundle's weights.bin and are read as needed
+            from .memory import make_budgeted_model
+            if backend != "numpy":
+                raise EdgeLLMError(f"a memory budget runs on the numpy backend, not {backend!r}",
+                                   "drop --backend or the memory budget")
+            self.backend = make_budgeted_model(m, memory_budget, mode=stream_mode, storage=storage,
+                                               threads=self.threads)
+        else:
+            self.backend = make_backend(backend, m, self.threads)
         self.backend.prepare()
         self.verbose = verbose
         self._kv = None
