@@ -128,12 +128,15 @@ def test_calibration_rejects_hamlet_and_too_little_text(shakespeare_dir):
     assert len(chunks) == 4 and all(len(c) == 256 for c in chunks)
 
 
-def test_quantize_model_rejects_too_few_tokens(tmp_path):
+def test_quantize_model_rejects_too_few_tokens_and_bad_group_size(tmp_path):
     from edgellm.runtime.loader import load_model
-    from tinymodels import write_tiny_gguf
+    from tinymodels import TinySpec, write_tiny_gguf
     m = load_model(write_tiny_gguf(tmp_path / "t.gguf"))
     with pytest.raises(EdgeLLMError, match="calibration tokens"):
         quantize_model(m.config, m.weights, QuantConfig("w8a8"), [[1, 2, 3] * 20], progress=False)
+    m = load_model(write_tiny_gguf(tmp_path / "t96.gguf", TinySpec(dim=96, n_heads=4, n_kv_heads=2, ffn_dim=192)))
+    with pytest.raises(EdgeLLMError, match="choose --group-size from 32$"):     # 96 = 3 x 32, like SmolLM2's 576
+        quantize_model(m.config, m.weights, QuantConfig("w4a8", group_size=64), [[1] * 512] * 4, progress=False)
 
 
 # --- SmolLM2 ---------------------------------------------------------------------------------------

@@ -40,6 +40,12 @@ def quantize_model(cfg: ModelConfig, store: WeightStore | dict, qc: QuantConfig,
     if cfg.attn_bias:
         raise UnsupportedModelError(f"{cfg.arch} models with attention biases cannot be quantized yet",
                                     "quantize a llama or mistral model (qwen2 q/k/v biases are not handled)")
+    if qc.w_bits == 4:
+        widths = {cfg.dim, cfg.n_heads * cfg.head_dim, cfg.ffn_dim}
+        ok = [g for g in (32, 64, 128) if all(w % g == 0 for w in widths)]
+        if any(w % qc.group_size for w in widths):
+            raise EdgeLLMError(f"group size {qc.group_size} does not divide the model's input widths "
+                               f"{sorted(widths)}", f"choose --group-size from {', '.join(map(str, ok)) or 'none'}")
     W = dict(store) if isinstance(store, dict) else float_weights(cfg, store)
     n_tok = sum(len(c) for c in chunks)
     if n_tok < qc.calib_tokens // 2 or n_tok < 256:
