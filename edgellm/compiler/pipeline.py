@@ -88,6 +88,17 @@ def compile_model(model: str | os.PathLike, target: str = "x86-64", out: str | o
             if report:
                 res.report.append(f"tvm kernels for {t.name}: {len(built.names)} functions: {', '.join(built.names)}")
             stage("tvm")
+        if "tvm" in backends and t.name == "jetson-orin":
+            from .tvm_build import build_cuda_kernels
+            try:      # the GPU kernels as CUDA source + library; the CPU kernels above run either way
+                cu = build_cuda_kernels(loaded.config, scratch / "kernels" / "cuda" / "model.so", "sm_87", t.name)
+                extra["kernels/cuda"] = cu.path.parent
+                res.report.append(f"cuda sm_87 kernels emitted: {len(cu.names)} functions (kernels/cuda/model.cu); "
+                                  "the tvm backend does not run them yet")
+            except EdgeLLMError as e:
+                log(f"edgellm compile: note: {e}")
+                res.report.append(f"cuda sm_87 kernels not built: {e}")
+            stage("cuda")
         if "tvm-relax" in backends:
             from ..runtime.relax_backend import RELAX_LIBRARY
             from .relax_build import build_relax
