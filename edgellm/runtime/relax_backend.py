@@ -173,33 +173,9 @@ class RelaxBackend(Backend):
 
 
 def main(argv=None) -> int:
-    """`python -m edgellm.runtime.relax_backend --model M --library L --prompt P`: greedy ids as JSON
-    (a device smoke test, run by the tests under qemu for ARM)."""
-    import argparse
-    import json
-    import platform
-    import time
-
-    from .loader import load_model
-    from .tvm_backend import greedy
-    ap = argparse.ArgumentParser(prog="python -m edgellm.runtime.relax_backend")
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--library", required=True)
-    ap.add_argument("--prompt", default="Once upon a time")
-    ap.add_argument("-n", "--n-tokens", type=int, default=8)
-    ap.add_argument("--threads", type=int, default=None)
-    a = ap.parse_args(argv)
-    t0 = time.perf_counter()
-    m = load_model(a.model)
-    be = RelaxBackend(m.config, m.weights, a.library, a.threads)
-    be.prepare()
-    t1 = time.perf_counter()
-    prompt = m.tokenizer.encode(a.prompt)
-    ids = greedy(be, prompt, a.n_tokens)
-    print(json.dumps({"machine": platform.machine(), "prompt_ids": [int(t) for t in prompt], "ids": ids,
-                      "text": m.tokenizer.decode(ids), "load_s": round(t1 - t0, 3),
-                      "generate_s": round(time.perf_counter() - t1, 3)}))
-    return 0
+    """Device smoke test: greedy ids as JSON (see tvm_backend.smoke_main)."""
+    from .tvm_backend import smoke_main
+    return smoke_main(RelaxBackend, "python -m edgellm.runtime.relax_backend", argv)
 
 
 if __name__ == "__main__":

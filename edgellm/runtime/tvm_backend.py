@@ -363,16 +363,17 @@ def greedy(backend: Backend, prompt_ids, n_tokens: int, n_ctx: int | None = None
     return out
 
 
-def main(argv=None) -> int:
-    """`python -m edgellm.runtime.tvm_backend --model M --library L --prompt P`: greedy ids as JSON.
+def smoke_main(backend_cls, prog: str, argv=None) -> int:
+    """`python -m PROG --model M --library L --prompt P`: greedy ids as JSON.
 
     A device smoke test of the kernels alone (no bundle needed); tests run it under qemu for ARM."""
     import argparse
     import json
+    import platform
     import time
 
     from .loader import load_model
-    ap = argparse.ArgumentParser(prog="python -m edgellm.runtime.tvm_backend")
+    ap = argparse.ArgumentParser(prog=prog)
     ap.add_argument("--model", required=True)
     ap.add_argument("--library", required=True)
     ap.add_argument("--prompt", default="Once upon a time")
@@ -381,7 +382,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     t0 = time.perf_counter()
     m = load_model(a.model)
-    be = TvmBackend(m.config, m.weights, a.library, a.threads)
+    be = backend_cls(m.config, m.weights, a.library, a.threads)
     be.prepare()
     t1 = time.perf_counter()
     prompt = m.tokenizer.encode(a.prompt)
@@ -390,6 +391,10 @@ def main(argv=None) -> int:
                       "text": m.tokenizer.decode(ids), "load_s": round(t1 - t0, 3),
                       "generate_s": round(time.perf_counter() - t1, 3)}))
     return 0
+
+
+def main(argv=None) -> int:
+    return smoke_main(TvmBackend, "python -m edgellm.runtime.tvm_backend", argv)
 
 
 if __name__ == "__main__":
