@@ -18,7 +18,8 @@ from ..runtime.backend import KERNEL_LIBRARY, ONNX_DIR
 from ..runtime.loader import load_model
 
 ALL_BACKENDS = ("onnxruntime", "tvm", "tvm-relax")
-QUANT_SCHEMES = ("gguf-native",)   # integer-only schemes (w8a8, w4a8, ...) are not built yet
+QUANT_SCHEMES = ("gguf-native",)
+PLANNED_SCHEMES = ("w8a8", "w4a8", "w4a16", "w8a16")   # numerics exist (runtime/intref.py), not yet bundled
 
 
 @dataclass
@@ -46,9 +47,14 @@ def compile_model(model: str | os.PathLike, target: str = "x86-64", out: str | o
     if unknown:
         raise EdgeLLMError(f"unknown backend(s) {', '.join(sorted(unknown))}",
                            f"choose from: {', '.join(ALL_BACKENDS)}")
+    if quant in PLANNED_SCHEMES:
+        raise EdgeLLMError(f"quantization scheme {quant!r} is not available in edgellm compile yet (its accuracy "
+                           "can be measured with tools/quant_accuracy.py)",
+                           f"use --quant {QUANT_SCHEMES[0]} (weights keep their GGUF types)")
     if quant not in QUANT_SCHEMES:
-        raise EdgeLLMError(f"quantization scheme {quant!r} is not available yet",
-                           f"available: {', '.join(QUANT_SCHEMES)} (weights keep their GGUF types)")
+        raise EdgeLLMError(f"unknown quantization scheme {quant!r}",
+                           f"valid: {', '.join(QUANT_SCHEMES + PLANNED_SCHEMES)} "
+                           f"({', '.join(PLANNED_SCHEMES)} are not available in compile yet)")
     if profile_neurons and calibration is None:
         raise EdgeLLMError("--profile-neurons needs calibration text",
                            "pass --calibration FILE_OR_DIR (plain .txt; held-out evaluation text is skipped)")
