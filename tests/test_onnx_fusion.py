@@ -14,7 +14,6 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from conftest import require
 from edgellm.runtime.backend import NumpyBackend
 from edgellm.runtime.loader import load_model
 from edgellm.runtime.weights import ResidentStore
@@ -25,17 +24,7 @@ FLOAT_TOL = 1e-4
 QUANT_TOL = 1e-3
 
 
-def need_onnx():
-    require("onnx", "the compiler exports ONNX graphs")
-    return require("onnxruntime", "the onnxruntime backend runs them")
-
-
-def rel_err(a, b):
-    return float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(b)).max())
-
-
-def ops(model) -> Counter:
-    return Counter(n.op_type for n in model.graph.node)
+from test_onnx import need_onnx, ops, rel_err  # noqa: E402
 
 
 def ort_backend(path, threads=1):

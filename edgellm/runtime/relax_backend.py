@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import os
-from pathlib import Path
 
 import numpy as np
 
 from ..errors import EdgeLLMError
-from .backend import Backend
 from .config import ModelConfig
 from .kv_cache import KVCache
 from .model import rope_tables
-from .tvm_backend import Buffer, TvmKVCache, _runtime, load_library
+from .tvm_backend import Buffer, LibraryBackend, TvmKVCache, _runtime
 from .weights import WeightStore
 
 RELAX_LIBRARY = "kernels/relax.so"   # where `edgellm compile` puts the executable inside a bundle
@@ -71,7 +69,7 @@ def _weight_array(w: WeightStore, name: str, w_cfg: ModelConfig) -> np.ndarray:
     return g(name + ".weight")
 
 
-class RelaxBackend(Backend):
+class RelaxBackend(LibraryBackend):
     """Runs the model with a Relax VM executable from edgellm.compiler.relax_build through the TVM runtime.
 
     A prompt runs in chunks of up to `chunk` tokens through `prefill` / `prefill_last` (T symbolic), a
@@ -79,15 +77,6 @@ class RelaxBackend(Backend):
 
     name = "tvm-relax"
 
-    def __init__(self, cfg: ModelConfig, weights: WeightStore, library: str | os.PathLike,
-                 threads: int | None = None, chunk: int = 32):
-        self.cfg = cfg
-        self.weights = weights
-        self.threads = threads
-        self.chunk = max(1, int(chunk))
-        self.library = Path(library)
-        self.lib = load_library(library)
-        self._ready = False
 
     def _set_threads(self, ffi) -> None:
         """As TvmBackend: `threads`, else the physical cores; TVM reads TVM_NUM_THREADS at its first parallel run."""

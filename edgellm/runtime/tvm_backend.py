@@ -194,14 +194,8 @@ class _Kernels:
         self.attn = fn(names["attention"])
 
 
-class TvmBackend(Backend):
-    """Runs the Llama-family forward pass with a compiled kernel library through the TVM runtime.
-
-    Decode (one token) uses the fixed-shape kernels; a prompt runs in chunks of up to `chunk` tokens
-    through the prefill kernels, so each weight matrix is read once per chunk rather than once per token.
-    """
-
-    name = "tvm"
+class LibraryBackend(Backend):
+    """A backend running a compiled TVM library: prompts in chunks of up to `chunk` tokens."""
 
     def __init__(self, cfg: ModelConfig, weights: WeightStore, library: str | os.PathLike,
                  threads: int | None = None, chunk: int = 32):
@@ -212,6 +206,17 @@ class TvmBackend(Backend):
         self.library = Path(library)
         self.lib = load_library(library)
         self._ready = False
+
+
+class TvmBackend(LibraryBackend):
+    """Runs the Llama-family forward pass with a compiled kernel library through the TVM runtime.
+
+    Decode (one token) uses the fixed-shape kernels; a prompt runs in chunks of up to `chunk` tokens
+    through the prefill kernels, so each weight matrix is read once per chunk rather than once per token.
+    """
+
+    name = "tvm"
+
 
     # ---------------------------------------------------------------- setup
     def _fn(self, name: str):
