@@ -207,6 +207,20 @@ class LibraryBackend(Backend):
         self.lib = load_library(library)
         self._ready = False
 
+    def _checked(self, tokens, pos: int, kv) -> np.ndarray:
+        """Validate a forward call (own cache, room in the context, ids in the vocabulary); prepare once."""
+        if not isinstance(kv, TvmKVCache):
+            raise EdgeLLMError(f"the {self.name} backend needs a KV cache from its own new_cache()",
+                               "create the cache with backend.new_cache(n_ctx)")
+        self.prepare()
+        tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        if pos + len(tokens) > kv.n_ctx:
+            raise EdgeLLMError(f"context full: {pos + len(tokens)} tokens do not fit in n_ctx={kv.n_ctx}",
+                               "pass a larger n_ctx (--ctx) or a shorter prompt / max_tokens")
+        if (tokens < 0).any() or (tokens >= self.cfg.vocab_size).any():
+            raise EdgeLLMError(f"token id out of range 0..{self.cfg.vocab_size - 1}", "check the tokenizer")
+        return tokens
+
 
 class TvmBackend(LibraryBackend):
     """Runs the Llama-family forward pass with a compiled kernel library through the TVM runtime.
@@ -335,14 +349,7 @@ class TvmBackend(LibraryBackend):
 
     def forward(self, tokens, pos, kv, all_logits=False):
         """Tokens at positions pos..: logits [T, vocab] (all_logits) or [1, vocab] for the last position."""
-        if not isinstance(kv, TvmKVCache):
-            raise EdgeLLMError("the tvm backend needs a KV cache from its own new_cache()",
-                               "create the cache with backend.new_cache(n_ctx)")
-        self.prepare()
-        tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
-        if pos + len(tokens) > kv.n_ctx:
-            raise EdgeLLMError(f"context full: {pos + len(tokens)} tokens do not fit in n_ctx={kv.n_ctx}",
-                               "pass a larger n_ctx (--ctx) or a shorter prompt / max_tokens")
+        tokens = self._checked(tokens, pos, kv)
         out = []
         for start in range(0, len(tokens), self.chunk):
             chunk = tokens[start:start + self.chunk]
