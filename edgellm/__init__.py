@@ -5,7 +5,11 @@ from .runtime.llm import LLM, GenerationResult
 
 
 def compile(model, target: str = "x86-64", out=None, **kw):
-    """Compile `model` into a bundle for `target` (needs the compiler extras: pip install 'edgellm[compiler]')."""
+    """Compile `model` into a bundle for `target` (needs the compiler extras: pip install 'edgellm[compiler]').
+
+    Keywords as edgellm.compiler.pipeline.compile_model: backends, quant ("gguf-native", "w8a8", "w4a8", "w4a16",
+    "w8a16"), group_size, asym, integer_only, kv_int8, act, calibration, calib_tokens, report, ...
+    """
     from .compiler import compile as _compile
     return _compile(model, target, out, **kw)
 

@@ -56,8 +56,9 @@ def _model_options(p: argparse.ArgumentParser, positional: bool = False) -> None
                         "sparse (neurons the bundle's predictor selects; compile with --profile-neurons)")
     p.add_argument("--storage", default=None, choices=["microsd", "emmc", "ufs", "nvme"],
                    help="with --memory-budget: throttle reads to EMULATE this storage device")
-    p.add_argument("--backend", default="numpy",
-                   help="numpy (reference, default), or for a compiled bundle: tvm, tvm-relax, onnxruntime")
+    p.add_argument("--backend", default=None,
+                   help="numpy (float reference; the default), or for a compiled bundle: tvm, tvm-relax, onnxruntime, "
+                        "int (integer model of a --quant bundle; the default for such a bundle)")
     p.add_argument("--verbose", action="store_true", help="print loading details")
 
 
@@ -128,7 +129,7 @@ def cmd_run(args) -> int:
         import psutil
         rss = psutil.Process().memory_info().rss / 2**20
         _err(f"load {t.load_s:.2f} s, prefill {t.prefill_s:.3f} s, decode {t.decode_s:.3f} s "
-             f"({t.decode_steps} steps), finish: {r.finish_reason}, backend {args.backend}, "
+             f"({t.decode_steps} steps), finish: {r.finish_reason}, backend {llm.backend.name}, "
              f"threads {llm.threads}, n_ctx {llm.n_ctx}, RSS {rss:.0f} MiB")
         store, stats = getattr(llm.backend, "store", None), getattr(llm.backend, "stats", None)
         if stats is not None and hasattr(store, "describe"):      # memory-budget streaming
@@ -232,6 +233,11 @@ def cmd_inspect(args) -> int:
                  f", bos {bos}, eos {eos}, add bos {'yes' if getattr(tok, 'add_bos', False) else 'no'}"))
     template = getattr(tok, "chat_template", None) or meta.get("tokenizer.chat_template")
     rows.append(("chat template", f"yes ({len(template)} chars)" if template else "no"))
+    if m.format == "bundle":
+        from .runtime.bundle import bundle_quant, describe_quant, read_manifest
+        q = bundle_quant(m)
+        rows.append(("quantization", describe_quant(q or read_manifest(path).get("quant") or {})
+                     + ("; runs on backend int by default (--backend numpy runs the float weights)" if q else "")))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k + ':':<{width + 2}}{v}")
@@ -325,17 +331,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", metavar="MODEL", help="a .gguf file, a Hugging Face directory or a known model name")
     p.add_argument("--target", default="x86-64", help="target name (default x86-64, the host); see `edgellm targets`")
     p.add_argument("-o", "--output", default=None, metavar="BUNDLE_DIR", help="bundle directory to write")
-    p.add_argument("--backends", default="onnxruntime,tvm,tvm-relax",
-                   help="compiled backends to include, comma-separated (default onnxruntime,tvm,tvm-relax)")
-    p.add_argument("--quant", default="gguf-native", help="quantization scheme (default: keep GGUF types)")
-    p.add_argument("--report", action="store_true", help="print per-pass node counts and fused patterns")
+    p.add_argument("--backends", default=None,
+                   help="compiled backends to include, comma-separated (default onnxruntime,tvm,tvm-relax; none "
+                        "with an integer --quant, whose bundle runs on the int backend)")
+    p.add_argument("--quant", default="gguf-native",
+                   help="gguf-native (default: keep the GGUF types) or an integer scheme: w8a8, w4a8 (int8 "
+                        "activations), w4a16, w8a16 (weight-only); integer schemes need --calibration")
+    q = p.add_argument_group("integer quantization (with --quant w8a8|w4a8|w4a16|w8a16)")
+    q.add_argument("--group-size", type=int, default=None, metavar="N",
+                   help="w4 schemes: weights per scale group, 32, 64 (default) or 128")
+    q.add_argument("--asym", action="store_true", help="w4 schemes: asymmetric groups (4-bit zero points)")
+    q.add_argument("--integer-only", action="store_true",
+                   help="w8a8/w4a8: integer arithmetic after the embedding lookup (int8 KV cache too)")
+    q.add_argument("--kv-int8", action="store_true", help="int8 KV cache")
+    q.add_argument("--act", default="dynamic", choices=["dynamic", "static"],
+                   help="int8 activation scales: per token (dynamic, default) or calibrated per tensor (static)")
+    q.add_argument("--calib-tokens", type=_positive_int, default=2048, metavar="N",
+                   help="calibration tokens to use (default 2048, at least 256)")
+    p.add_argument("--report", action="store_true",
+                   help="print per-pass node counts and fused patterns; with --quant, the per-layer quantization error")
     p.add_argument("--with-wheels", action="store_true",
                    help="download the device's Python wheels into the bundle for an offline install")
     p.add_argument("--device-python", default="3.11", help="Python version on the device (with --with-wheels)")
     p.add_argument("--profile-neurons", action="store_true",
                    help="rank FFN neurons and train activation predictors on --calibration text (for "
                         "`run --memory-budget ... --stream-mode sparse`)")
-    p.add_argument("--calibration", default=None, metavar="FILE_OR_DIR", help="calibration text (.txt)")
+    p.add_argument("--calibration", default=None, metavar="FILE_OR_DIR",
+                   help="calibration text (.txt file, or a directory of .txt files; held-out Hamlet is skipped), "
+                        "for --quant and --profile-neurons")
     p.add_argument("--sparsity", type=float, default=0.5, help="target FFN sparsity for --profile-neurons")
     p.set_defaults(func=cmd_compile)
 
@@ -356,10 +379,12 @@ def cmd_compile(args) -> int:
     except ImportError as e:
         raise EdgeLLMError(f"the compiler needs its extra dependencies ({e.name} is missing)",
                            "pip install 'edgellm[compiler]'") from None
-    backends = tuple(b for b in args.backends.split(",") if b)
+    backends = None if args.backends is None else tuple(b.strip() for b in args.backends.split(",") if b.strip())
     res = compile_model(args.model, args.target, args.output, backends=backends, quant=args.quant,
                         report=args.report, with_wheels=args.with_wheels, device_python=args.device_python,
                         profile_neurons=args.profile_neurons, calibration=args.calibration, sparsity=args.sparsity,
+                        group_size=args.group_size, asym=args.asym, integer_only=args.integer_only,
+                        kv_int8=args.kv_int8, act=args.act, calib_tokens=args.calib_tokens, progress=True,
                         log=lambda m: print(m, file=sys.stderr))
     for line in res.report:
         print(line)

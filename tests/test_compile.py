@@ -55,7 +55,7 @@ def test_bundle_without_the_backend_artifact(tiny, tmp_path):
     (["--target", "pdp11"], "unknown target"),
     (["--backends", "cuda"], "unknown backend"),
     (["--quant", "w3a3"], "unknown quantization scheme"),
-    (["--quant", "w8a8"], "not available in edgellm compile yet"),
+    (["--quant", "w8a8"], "needs calibration text"),
 ])
 def test_compile_cli_errors_exit_2(tiny, tmp_path, capsys, argv, phrase):
     assert main(["compile", str(tiny), "-o", str(tmp_path / "x"), *argv]) == 2

@@ -1,7 +1,11 @@
 #!/usr/bin/env python3
 """Benchmark edgellm against llama.cpp from a source checkout: `python tools/bench.py --model smollm2-135m`.
 
-Same options as `edgellm bench` (see edgellm/bench.py); results go in docs/BENCHMARKS.md.
+Same options as `edgellm bench` (see edgellm/bench.py); results go in docs/BENCHMARKS.md. Issue #5's figures
+(same bits per weight as llama.cpp, targets PASS/MISS, tokens/s against context, decode profile), on a quiet machine:
+
+    python tools/bench.py --pair q4_0 --bundle BUNDLE --reps 5 --context-sweep 64,256,512,1024 --profile \
+        --json docs/bench-q4_0.json     # then --pair q4_1 with a <= 5.0 bits/weight bundle
 """
 import sys
 from pathlib import Path

@@ -245,7 +245,8 @@ def _edgellm_version() -> str:
         return "0+unknown"
 
 
-def _write_contents(loaded: LoadedModel, out: Path, target: Target, extra: dict[str, Path]) -> None:
+def _write_contents(loaded: LoadedModel, out: Path, target: Target, extra: dict[str, Path],
+                    quant: dict | None = None) -> None:
     embed, layers, rest = _group(loaded)
     store = loaded.weights
     total = sum(store.info(n).nbytes for n in store.names())
@@ -267,7 +268,7 @@ def _write_contents(loaded: LoadedModel, out: Path, target: Target, extra: dict[
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "model": loaded.config.to_dict(),
         "target": target.to_dict(),
-        "quant": {"scheme": "gguf-native", "tensor_types": dict(types)},
+        "quant": {"scheme": "gguf-native", **(quant or {}), "tensor_types": dict(types)},
         "tokenizer": {"file": "tokenizer.json", "config": "tokenizer_config.json"},
         "chat_template": loaded.tokenizer.chat_template,
         "source": {"format": loaded.format, "file": Path(loaded.path).name,
@@ -281,17 +282,18 @@ def _write_contents(loaded: LoadedModel, out: Path, target: Target, extra: dict[
 
 
 def write_bundle(loaded: LoadedModel, out_dir: str | os.PathLike, target: Target | str,
-                 extra_files: dict[str, Path] | None = None) -> Path:
+                 extra_files: dict[str, Path] | None = None, quant: dict | None = None) -> Path:
     """Write `loaded` as a bundle for `target` at out_dir; an existing out_dir is replaced only on success.
 
     extra_files maps a path inside the bundle (e.g. "kernels/model.so", "onnx") to a file or directory to copy.
+    quant updates the manifest's quant section (an integer scheme: its file in extra_files, label, sizes).
     """
     out = Path(out_dir).absolute()
     target = get_target(target)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        _write_contents(loaded, tmp, target, dict(extra_files or {}))
+        _write_contents(loaded, tmp, target, dict(extra_files or {}), quant)
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; a bundle is an ordinary directory
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))

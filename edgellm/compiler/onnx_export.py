@@ -89,6 +89,8 @@ class _Builder:
 
 
 class _LlamaExporter:
+    tensor_shapes = False           # Cast the mask's Shape outputs to tensors (TVM's ONNX importer needs it)
+
     def __init__(self, cfg: ModelConfig, weights: WeightStore, kind: str, max_positions: int,
                  weights_format: str = "float"):
         self.c, self.w, self.kind, self.max_positions = cfg, weights, kind, max_positions
@@ -181,6 +183,11 @@ class _LlamaExporter:
         blocks = b.op("Reshape", [w, b.const([n, k // QDQ_BLOCK, QDQ_BLOCK])])
         return b.op("Reshape", [b.op("Add", [blocks, name + "_min"]), b.const([n, k])], name=name + "_dqmin")
 
+    def lm_head(self, x: str) -> str:
+        """Logits of the normed hidden states x [1, T, dim], any shape that reshapes to [1, T, vocab]."""
+        x = self.b.op("Reshape", [x, self.b.const([-1, self.c.dim])])
+        return self.b.op("Gemm", [x, self.lm_head_weight()], transB=1)
+
     def linear(self, x: str, name: str, heads: int | None = None) -> str:
         b = self.b
         w = self.qweight(name, heads) if self.quantized(name) else self.weight(name, heads)
@@ -221,6 +228,7 @@ class _LlamaExporter:
         k = b.op("Reshape", [self.linear(h, p + "attn_k.weight", KVH), b.const([0, 0, KVH, d])])
         v = b.op("Reshape", [self.linear(h, p + "attn_v.weight"), b.const([0, 0, KVH, d])])
         q, k = self.rope(q, cos, sin), self.rope(k, cos, sin)
+        k, v = self.cache_entry(k), self.cache_entry(v)
         k = b.op("Concat", [f"past_key_{i}", b.op("Transpose", [k], perm=[0, 2, 1, 3])], axis=2,
                  name=f"present_key_{i}")
         v = b.op("Concat", [f"past_value_{i}", b.op("Transpose", [v], perm=[0, 2, 1, 3])], axis=2,
@@ -235,6 +243,10 @@ class _LlamaExporter:
         out = b.op("Reshape", [out, b.const([0, 0, H * d])])
         return self.linear(out, p + "attn_output.weight")
 
+    def cache_entry(self, x: str) -> str:
+        """What a new key/value [1, T, heads, head_dim] is stored as in the cache (hook: float as computed)."""
+        return x
+
     def ffn(self, i: int, h: str) -> str:
         b, p = self.b, f"blk.{i}."
         g = self.linear(h, p + "ffn_gate.weight")
@@ -246,6 +258,8 @@ class _LlamaExporter:
         b = self.b
         past = b.op("Shape", ["past_key_0"], start=2, end=3)
         seq = b.op("Shape", ["input_ids"], start=1, end=2)
+        if self.tensor_shapes:      # TVM's Relax importer adds no Shape outputs; a Cast makes them tensors
+            past, seq = (b.op("Cast", [s], to=TensorProto.INT64) for s in (past, seq))
         total = b.op("Squeeze", [b.op("Add", [past, seq]), b.const([0])])
         zero, one = b.const(0), b.const(1)
         kpos = b.op("Unsqueeze", [b.op("Range", [zero, total, one]), b.const([0])])
@@ -269,8 +283,7 @@ class _LlamaExporter:
             x = b.op("Add", [x, self.ffn(i, self.rms_norm(x, p + "ffn_norm.weight"))], name=f"residual_{i}")
         if self.kind == "prefill":
             x = b.op("Slice", [x, b.const([-1]), b.const([np.iinfo(np.int64).max]), b.const([1])])
-        x = b.op("Reshape", [self.rms_norm(x, "output_norm.weight"), b.const([-1, c.dim])])
-        y = b.op("Gemm", [x, self.lm_head_weight()], transB=1)
+        y = self.lm_head(self.rms_norm(x, "output_norm.weight"))
         b.op("Reshape", [y, b.const([1, -1, c.vocab_size])], name="logits")
         return self._model()
 

@@ -1,25 +1,29 @@
-"""`edgellm compile`: import -> ONNX graph + passes -> TVM kernels -> bundle, timing every stage.
+"""`edgellm compile`: import -> [integer quantization] -> ONNX graph + passes -> TVM kernels -> bundle, timed.
 
 Each stage writes into a scratch directory; the bundle writer copies the results into a bundle that
-appears at the destination only when complete.
+appears at the destination only when complete. Every option is checked before the first long stage, so
+a bad flag fails in a second and leaves nothing behind.
 """
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..devices.targets import check_toolchain, get_target
+from ..devices.targets import INTEGER_ONLY_SCHEMES, QUANT_SCHEMES, check_quant, check_toolchain, get_target
 from .bundle_writer import write_bundle
 from ..errors import EdgeLLMError
 from ..runtime.backend import KERNEL_LIBRARY, ONNX_DIR
+from ..runtime.bundle import QUANT_MODEL, describe_quant
+from ..runtime.intref import QuantConfig
 from ..runtime.loader import load_model
 
 ALL_BACKENDS = ("onnxruntime", "tvm", "tvm-relax")
-QUANT_SCHEMES = ("gguf-native",)
-PLANNED_SCHEMES = ("w8a8", "w4a8", "w4a16", "w8a16")   # numerics exist (runtime/intref.py), not yet bundled
+INTEGER_SCHEMES = tuple(q for q in QUANT_SCHEMES if q != "gguf-native")
+QUANT_BACKENDS: tuple[str, ...] = ("onnxruntime",)   # compiled backends built for integer schemes (QUANTIZED STAGES)
 
 
 @dataclass
@@ -37,27 +41,85 @@ def _bundle_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def compile_model(model: str | os.PathLike, target: str = "x86-64", out: str | os.PathLike | None = None,
-                  backends: tuple[str, ...] = ALL_BACKENDS, quant: str = "gguf-native", report: bool = False,
-                  with_wheels: bool = False, device_python: str = "3.11", profile_neurons: bool = False,
-                  calibration: str | os.PathLike | None = None, sparsity: float = 0.5, log=print) -> CompileResult:
-    """Compile `model` for `target` into a bundle directory (default: <model name>.<target>.bundle)."""
-    t = get_target(target)
+def quant_config(quant: str = "gguf-native", group_size: int | None = None, asym: bool = False,
+                 integer_only: bool = False, kv_int8: bool = False, act: str = "dynamic",
+                 calib_tokens: int = 2048) -> QuantConfig | None:
+    """The QuantConfig of `--quant` and its options (None for gguf-native), or a clear error naming valid ones."""
+    q = str(quant).lower()
+    if q == "gguf-native":
+        extra = [f for f, on in (("--group-size", group_size is not None), ("--asym", asym),
+                                 ("--integer-only", integer_only), ("--kv-int8", kv_int8),
+                                 ("--act static", act != "dynamic")) if on]
+        if extra:
+            raise EdgeLLMError(f"{', '.join(extra)} {'applies' if len(extra) == 1 else 'apply'} only to integer "
+                               "quantization, not to --quant gguf-native",
+                               f"pass --quant {' or '.join(INTEGER_SCHEMES)}, or drop {', '.join(extra)}")
+        return None
+    if q not in QUANT_SCHEMES and not re.fullmatch(r"w\d+a4", q):     # w?a4 gets QuantConfig's int4-activation error
+        raise EdgeLLMError(f"unknown quantization scheme {quant!r}", f"choose --quant from: {', '.join(QUANT_SCHEMES)}")
+    qc = QuantConfig(q, group_size=group_size, symmetric=not asym, act=act, kv_int8=kv_int8 or integer_only,
+                     calib_tokens=calib_tokens)
+    if qc.a_bits != 8 and integer_only:
+        raise EdgeLLMError(f"--integer-only needs int8 activations, and {qc.scheme} keeps float activations",
+                           f"use --quant {' or '.join(INTEGER_ONLY_SCHEMES)} with --integer-only, or drop "
+                           f"--integer-only ({qc.scheme} then runs in mixed mode)")
+    if qc.a_bits != 8 and act != "dynamic":
+        raise EdgeLLMError(f"--act {act} sets how int8 activations are scaled, and {qc.scheme} keeps float "
+                           "activations", f"drop --act, or use --quant {' or '.join(INTEGER_ONLY_SCHEMES)}")
+    return qc
+
+
+def _calibration_files(calibration) -> tuple[list[Path], int]:
+    """(files, header chars to skip): a directory's plays (held-out ones dropped, Gutenberg headers skipped),
+    or one text file read whole."""
+    from .quantize import calibration_files
+    p = Path(calibration)
+    if p.is_dir():
+        return calibration_files(p), 3000
+    if not p.is_file():
+        raise EdgeLLMError(f"calibration text {p} does not exist", "pass --calibration FILE_OR_DIR (.txt)")
+    return [p], 0
+
+
+def _check_backends(backends, qc: QuantConfig | None) -> tuple[str, ...]:
+    """The compiled backends to build: unknown ones refused; an integer scheme builds only QUANT_BACKENDS."""
+    if backends is None:
+        return ALL_BACKENDS if qc is None else QUANT_BACKENDS
+    backends = tuple(backends)
     unknown = set(backends) - set(ALL_BACKENDS)
     if unknown:
         raise EdgeLLMError(f"unknown backend(s) {', '.join(sorted(unknown))}",
                            f"choose from: {', '.join(ALL_BACKENDS)}")
-    if quant in PLANNED_SCHEMES:
-        raise EdgeLLMError(f"quantization scheme {quant!r} is not available in edgellm compile yet (its accuracy "
-                           "can be measured with tools/quant_accuracy.py)",
-                           f"use --quant {QUANT_SCHEMES[0]} (weights keep their GGUF types)")
-    if quant not in QUANT_SCHEMES:
-        raise EdgeLLMError(f"unknown quantization scheme {quant!r}",
-                           f"valid: {', '.join(QUANT_SCHEMES + PLANNED_SCHEMES)} "
-                           f"({', '.join(PLANNED_SCHEMES)} are not available in compile yet)")
-    if profile_neurons and calibration is None:
-        raise EdgeLLMError("--profile-neurons needs calibration text",
+    float_only = [b for b in backends if b not in QUANT_BACKENDS]
+    if qc is not None and float_only:
+        raise EdgeLLMError(f"backend(s) {', '.join(float_only)} are not built for quantized bundles yet (the ONNX "
+                           f"graph and TVM kernels are float; --quant {qc.scheme} bundles run on the int backend)",
+                           f"drop --backends (or pass --backends \"\"), or compile with --quant gguf-native "
+                           f"for {','.join(float_only)}")
+    return backends
+
+
+def compile_model(model: str | os.PathLike, target: str = "x86-64", out: str | os.PathLike | None = None,
+                  backends: tuple[str, ...] | None = None, quant: str = "gguf-native", report: bool = False,
+                  with_wheels: bool = False, device_python: str = "3.11", profile_neurons: bool = False,
+                  calibration: str | os.PathLike | None = None, sparsity: float = 0.5,
+                  group_size: int | None = None, asym: bool = False, integer_only: bool = False,
+                  kv_int8: bool = False, act: str = "dynamic", calib_tokens: int = 2048, progress: bool = False,
+                  log=print) -> CompileResult:
+    """Compile `model` for `target` into a bundle directory (default: <model name>.<target>.bundle).
+
+    backends None: onnxruntime, tvm and tvm-relax for gguf-native; none for an integer `quant` (w8a8, w4a8,
+    w4a16, w8a16), whose quantized model (calibrated on `calibration` text) runs on the runtime's int backend.
+    """
+    t = get_target(target)
+    qc = quant_config(quant, group_size, asym, integer_only, kv_int8, act, calib_tokens)
+    check_quant(t, "gguf-native" if qc is None else qc.scheme, integer_only)
+    backends = _check_backends(backends, qc)
+    if (profile_neurons or qc is not None) and calibration is None:
+        why = "--profile-neurons" if qc is None else f"--quant {qc.scheme}"
+        raise EdgeLLMError(f"{why} needs calibration text",
                            "pass --calibration FILE_OR_DIR (plain .txt; held-out evaluation text is skipped)")
+    calib = _calibration_files(calibration) if qc is not None else None
     if {"tvm", "tvm-relax"} & set(backends):
         check_toolchain(t)                       # fail before any long work if the cross compiler is missing
     res = CompileResult(bundle=Path())
@@ -76,7 +138,26 @@ def compile_model(model: str | os.PathLike, target: str = "x86-64", out: str | o
     with tempfile.TemporaryDirectory(prefix=".edgellm-compile-", dir=out.absolute().parent) as scratch:
         scratch = Path(scratch)
         extra: dict[str, Path] = {}
-        if "onnxruntime" in backends:
+        quant_manifest = None
+        if qc is not None:
+            qm = _quantize(loaded, qc, calibration, calib, progress)
+            extra[QUANT_MODEL] = qm.save(scratch / "quant-model.npz")
+            quant_manifest = _quant_manifest(qm, integer_only)
+            if report:
+                from .quantize import format_quant_report
+                res.report.extend(format_quant_report(qm.report, quant_manifest["bits_per_weight"],
+                                                      quant_manifest["model_bytes"], describe_quant(quant_manifest, sizes=False)))
+            stage("quantize")
+            # ---- QUANTIZED STAGES: compiled backends for the integer model, reading `qm` and adding their files
+            # to `extra` (each listed in QUANT_BACKENDS); _check_backends refuses the float stages below for it.
+            if "onnxruntime" in backends:
+                from .onnx_quant import export_quant_onnx
+                # standard integer ops (MatMulInteger on int8 x int8), float norms/softmax: mixed mode
+                export_quant_onnx(qm, scratch / ONNX_DIR / "decode.onnx")
+                extra[ONNX_DIR] = scratch / ONNX_DIR
+                stage("onnx-quant")
+        float_backends = backends if qc is None else ()
+        if "onnxruntime" in float_backends:
             from .onnx_export import build_onnx, save_onnx
             from .passes import ORT_FUSION_PASSES, format_report, run_passes
             # quantized weights (QDQ) fused into onnxruntime's contrib ops: MatMulNBits, GQA with RoPE, skip-RMSNorm
@@ -87,14 +168,14 @@ def compile_model(model: str | os.PathLike, target: str = "x86-64", out: str | o
             if report:
                 res.report.append(format_report(reports))
             stage("onnx")
-        if "tvm" in backends:
+        if "tvm" in float_backends:
             from .tvm_build import build_kernels_report
             built = build_kernels_report(loaded.config, t.tvm_target, scratch / KERNEL_LIBRARY)
             extra[KERNEL_LIBRARY] = built.path
             if report:
                 res.report.append(f"tvm kernels for {t.name}: {len(built.names)} functions: {', '.join(built.names)}")
             stage("tvm")
-        if "tvm" in backends and t.name == "jetson-orin":
+        if "tvm" in float_backends and t.name == "jetson-orin":
             from .tvm_build import build_cuda_kernels
             try:      # the GPU kernels as CUDA source + library; the CPU kernels above run either way
                 cu = build_cuda_kernels(loaded.config, scratch / "kernels" / "cuda" / "model.so", "sm_87", t.name)
@@ -105,7 +186,7 @@ def compile_model(model: str | os.PathLike, target: str = "x86-64", out: str | o
                 log(f"edgellm compile: note: {e}")
                 res.report.append(f"cuda sm_87 kernels not built: {e}")
             stage("cuda")
-        if "tvm-relax" in backends:
+        if "tvm-relax" in float_backends:
             from ..runtime.relax_backend import RELAX_LIBRARY
             from .relax_build import build_relax
             rb = build_relax(loaded.config, t.tvm_target, scratch / RELAX_LIBRARY)
@@ -126,9 +207,32 @@ def compile_model(model: str | os.PathLike, target: str = "x86-64", out: str | o
             download_wheels(t, scratch / "wheels", list(backends), device_python)
             extra["wheels"] = scratch / "wheels"
             stage("wheels")
-        res.bundle = write_bundle(loaded, out, t, extra)
+        res.bundle = write_bundle(loaded, out, t, extra, quant_manifest)
         stage("bundle")
     res.report.append(f"bundle {res.bundle}: {_bundle_bytes(res.bundle) / 2**20:.1f} MiB, "
                       f"compiled in {res.total_seconds:.1f} s "
                       f"({', '.join(f'{k} {v:.1f} s' for k, v in res.stage_seconds.items())})")
     return res
+
+
+def _quantize(loaded, qc: QuantConfig, calibration, calib: tuple[list[Path], int], progress: bool):
+    """Calibration chunks (n_ctx = min(512, the model's context)) -> quantize_model."""
+    from .quantize import calibration_chunks, quantize_model
+    files, skip = calib
+    n_ctx = min(512, loaded.config.context_length)
+    try:
+        chunks = calibration_chunks(loaded.tokenizer, files, qc.calib_tokens, n_ctx=n_ctx, skip_chars=skip)
+    except EdgeLLMError as e:
+        more = " (--calib-tokens N sets how many are used: default 2048, at least 256)" if "tokens" in e.problem else ""
+        raise EdgeLLMError(f"--calibration {calibration}: {e.problem}", f"{e.fix}{more}") from None
+    return quantize_model(loaded.config, loaded.weights, qc, chunks, progress=progress)
+
+
+def _quant_manifest(qm, integer_only: bool) -> dict:
+    """The manifest's quant section for an integer model (runtime.bundle documents the fields)."""
+    qc = qm.qconfig
+    return {"scheme": qc.scheme, "label": qc.label, "file": QUANT_MODEL, "group_size": qc.group_size,
+            "symmetric": qc.symmetric, "act": qc.act, "integer_only": bool(integer_only), "kv_int8": qc.kv_int8,
+            "bits_per_weight": round(qm.block_bits_per_weight(), 4), "model_bytes": int(qm.nbytes()),
+            "calib_tokens": int(qm.report.get("calib_tokens", 0))}
+

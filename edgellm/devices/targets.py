@@ -27,6 +27,11 @@ _ARM_FEATURES = {"+neon": (1 << 1, "asimd"), "+dotprod": (1 << 20, "asimddp"), "
                  "+i8mm": (None, "i8mm"), "+sve": (1 << 22, "sve")}
 _AT_HWCAP = 16
 
+# what `edgellm compile --quant` accepts; the integer schemes run on any CPU through the integer reference
+# (backend "int", edgellm/runtime/intref.py), so a target lists them unless its hardware says otherwise
+QUANT_SCHEMES = ("gguf-native", "w8a8", "w4a8", "w4a16", "w8a16")
+INTEGER_ONLY_SCHEMES = ("w8a8", "w4a8")      # int8 activations: the schemes that can run integer-only
+
 
 @dataclass
 class Target:
@@ -42,6 +47,9 @@ class Target:
     description: str
     tvm_target: dict
     notes: list[str] = field(default_factory=list)
+    quant_schemes: list[str] = field(default_factory=lambda: list(QUANT_SCHEMES))
+    integer_only: bool = True       # can run an --integer-only bundle as its integer arithmetic
+    quant_note: str = ""            # why a scheme or integer-only is missing (shown in the error)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -111,12 +119,16 @@ def _build_targets() -> dict[str, Target]:
         "aarch64-linux-android24-clang", [], "Android phones (arm64-v8a, API 24+)",
         _llvm("aarch64-linux-android", "cortex-a76", ["+neon", "+dotprod"]),
         ["needs the Android NDK's clang: set ANDROID_NDK_HOME to the NDK directory"])
+    jetson = _aarch64("jetson-orin", "cortex-a78ae", ["+neon", "+dotprod"], "NVIDIA Jetson Orin CPU (Cortex-A78AE)",
+                      ["CUDA sm_87 kernels are not built yet: the CPU kernels run on the Orin's Cortex-A78AE cores"])
+    jetson.integer_only = False
+    jetson.quant_note = ("jetson-orin's GPU kernels (CUDA sm_87) are float32 only, so an integer-only bundle would "
+                         "not run its integer arithmetic on the GPU")
     return {t.name: t for t in [
         _x86_target(),
         _aarch64("rpi4", "cortex-a72", ["+neon"], "Raspberry Pi 4 (Cortex-A72, NEON)"),
         _aarch64("rpi5", "cortex-a76", ["+neon", "+dotprod"], "Raspberry Pi 5 (Cortex-A76, NEON + dotprod)"),
-        _aarch64("jetson-orin", "cortex-a78ae", ["+neon", "+dotprod"], "NVIDIA Jetson Orin CPU (Cortex-A78AE)",
-                 ["CUDA sm_87 kernels are not built yet: the CPU kernels run on the Orin's Cortex-A78AE cores"]),
+        jetson,
         android,
     ]}
 
@@ -132,6 +144,20 @@ def get_target(name: str) -> Target:
     except KeyError:
         raise EdgeLLMError(f"unknown target {name!r}",
                            f"choose one of: {', '.join(TARGETS)} (see `edgellm targets`)") from None
+
+
+def check_quant(target: Target | str, scheme: str, integer_only: bool = False) -> None:
+    """Refuse a quantization scheme (or integer-only mode) the target cannot run, naming what it can."""
+    t = get_target(target)
+    why = f" ({t.quant_note})" if t.quant_note else ""
+    if scheme not in t.quant_schemes:
+        raise EdgeLLMError(f"target {t.name} cannot run --quant {scheme}{why}",
+                           f"choose --quant from: {', '.join(t.quant_schemes)}")
+    if integer_only and not t.integer_only:
+        others = [n for n, o in TARGETS.items() if o.integer_only and scheme in o.quant_schemes]
+        raise EdgeLLMError(f"target {t.name} cannot run --integer-only{why}",
+                           f"drop --integer-only (the int backend then runs {scheme} in mixed mode on the "
+                           f"{t.name} CPU), or compile integer-only for one of: {', '.join(others)}")
 
 
 def host_target() -> Target:
@@ -240,6 +266,8 @@ def targets_table() -> str:
         cc = t.cross_cc or "host compiler"
         pk = f"  (apt-get install {' '.join(t.debian_packages)})" if t.debian_packages else ""
         lines.append(f"    compiler {cc}{pk}")
+        io = "integer-only too" if t.integer_only else "not integer-only"
+        lines.append(f"    quant {', '.join(t.quant_schemes)} ({io})")
         for n in t.notes:
             lines.append(f"    note: {n}")
     return "\n".join(lines)

@@ -1,4 +1,5 @@
-"""Backends run the forward pass. `numpy` is the reference; compiled backends (tvm, onnxruntime) come later."""
+"""Backends run the forward pass: `numpy` (the float reference), the compiled `tvm` / `tvm-relax` / `onnxruntime`,
+and `int` (the integer reference over a bundle's quantized model, see int_backend.py)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -94,12 +95,35 @@ def _onnxruntime(model, threads):
     return OnnxRuntimeBackend(model.config, _needs_bundle("onnxruntime", model, ONNX_DIR), threads)
 
 
+def _int(model, threads):
+    """The bundle's quantized model on the integer reference: integer-only if compiled so, else mixed mode."""
+    from .bundle import bundle_quant
+    from .int_backend import IntBackend   # lazy: int_backend imports this module
+    q = bundle_quant(model)
+    if q is None:
+        what = "a bundle without a quantized model" if model.format == "bundle" else f"a {model.format} model"
+        raise EdgeLLMError(f"backend 'int' runs a quantized bundle, and {model.path} is {what}",
+                           f"compile it with an integer scheme: edgellm compile {model.path} --quant w8a8 "
+                           "--calibration TEXT -o BUNDLE_DIR (or run it with --backend numpy)")
+    return IntBackend(Path(model.path) / q["file"], mode="integer" if q.get("integer_only") else "mixed",
+                      threads=threads)
+
+
 BACKENDS = {"numpy": lambda model, threads: NumpyBackend(model.config, model.weights, threads),
-            "tvm": _tvm, "tvm-relax": _tvm_relax, "onnxruntime": _onnxruntime}
+            "tvm": _tvm, "tvm-relax": _tvm_relax, "onnxruntime": _onnxruntime, "int": _int}
 
 
-def make_backend(name: str, model, threads: int | None) -> Backend:
-    """Backend `name` for a LoadedModel (compiled backends need a bundle made by `edgellm compile`)."""
+def default_backend(model) -> str:
+    """"int" for a bundle compiled with an integer --quant scheme, "numpy" for everything else."""
+    from .bundle import bundle_quant
+    return "int" if bundle_quant(model) is not None else "numpy"
+
+
+def make_backend(name: str | None, model, threads: int | None) -> Backend:
+    """Backend `name` for a LoadedModel (compiled backends need a bundle made by `edgellm compile`);
+    None picks default_backend(model)."""
+    if name is None:
+        name = default_backend(model)
     if name not in BACKENDS:
         raise EdgeLLMError(f"unknown backend {name!r}", f"choose one of: {', '.join(BACKENDS)}")
     return BACKENDS[name](model, threads)

@@ -12,13 +12,17 @@ Layout of BUNDLE_DIR (schema_version 1)::
     tokenizer_config.json  bos/eos/add_bos/chat_template (HF names) + an "edgellm" section with the
                            llama.cpp token types, eog ids and flags the runtime Tokenizer needs
     kernels/, onnx/        added by the TVM and ONNX stages (listed in `files` like every other file)
+    quant/model.npz        with `--quant w8a8|w4a8|w4a16|w8a16`: the integer model (runtime.intref.QuantizedModel
+                           .save), run by backend "int"; the float weights stay in weights.bin for the others
 
 manifest.json::
 
     schema_version 1, edgellm_version, created (UTC ISO 8601),
     model            ModelConfig.to_dict()
     target           devices.targets.Target.to_dict() (name, triple, arch, cpu, mattr, tvm_target, ...)
-    quant            {scheme: "gguf-native", tensor_types: {QTYPE: count}}
+    quant            {scheme: "gguf-native", tensor_types: {QTYPE: count}}; an integer scheme adds
+                     file ("quant/model.npz"), label (e.g. "w4a8-g32"), group_size, symmetric, act,
+                     integer_only, kv_int8, bits_per_weight, model_bytes, calib_tokens
     tokenizer        {file: "tokenizer.json", config: "tokenizer_config.json"}
     chat_template    str | null
     source           {format, file name, metadata: the source's small metadata values}
@@ -74,6 +78,30 @@ RECOPY = "re-copy the bundle from the machine that compiled it (or compile it ag
 TYPED = {GGMLQuantizationType.F32: "<f4", GGMLQuantizationType.F16: "<f2", GGMLQuantizationType.F64: "<f8",
          GGMLQuantizationType.I8: "<i1", GGMLQuantizationType.I16: "<i2", GGMLQuantizationType.I32: "<i4",
          GGMLQuantizationType.I64: "<i8"}
+
+
+QUANT_MODEL = "quant/model.npz"   # where `edgellm compile --quant` puts the integer model inside a bundle
+
+
+def bundle_quant(model) -> dict | None:
+    """The manifest's quant section of a LoadedModel (or bundle path) holding an integer model, else None."""
+    if not isinstance(model, (str, os.PathLike)):
+        if getattr(model, "format", None) != "bundle":
+            return None
+        model = model.path
+    q = read_manifest(model).get("quant")
+    return q if isinstance(q, dict) and isinstance(q.get("file"), str) else None
+
+
+def describe_quant(q: dict, sizes: bool = True) -> str:
+    """One line for a manifest quant section: "w4a8-g32, integer-only, int8 KV, 4.50 bits/weight, 1.20 MiB"."""
+    if not q.get("file"):
+        return str(q.get("scheme", "gguf-native"))
+    mode = "integer-only" if q.get("integer_only") else "mixed"
+    kv = ", int8 KV" if q.get("kv_int8") else ""
+    size = (f", {q.get('bits_per_weight', 0):.2f} bits/weight, {q.get('model_bytes', 0) / 2**20:.2f} MiB "
+            f"({q['file']})") if sizes else ""
+    return f"{q.get('label', q.get('scheme'))}, {mode}{kv}{size}"
 
 
 def is_bundle(path: str | os.PathLike) -> bool:

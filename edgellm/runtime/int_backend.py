@@ -5,12 +5,23 @@ mode="mixed" keeps norms, softmax, SiLU and RoPE in float. Logits come back as f
 """
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import numpy as np
 
+from ..errors import ModelFormatError
 from .backend import Backend, _thread_limit
 from .intref import IntTransformer, QuantizedModel
+
+
+def load_quantized(path: str | Path) -> QuantizedModel:
+    """QuantizedModel.load with a clear error for a missing, truncated or foreign file."""
+    try:
+        return QuantizedModel.load(path)
+    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as e:
+        raise ModelFormatError(f"{path} is not a readable quantized model ({type(e).__name__}: {e})",
+                               "re-copy the bundle, or compile it again with edgellm compile --quant") from None
 
 
 class IntBackend(Backend):
@@ -18,7 +29,7 @@ class IntBackend(Backend):
 
     def __init__(self, qmodel: QuantizedModel | str | Path, mode: str = "integer", threads: int | None = None):
         if not isinstance(qmodel, QuantizedModel):
-            qmodel = QuantizedModel.load(qmodel)
+            qmodel = load_quantized(qmodel)
         self.qmodel = qmodel
         self.cfg = qmodel.config
         self.threads = threads

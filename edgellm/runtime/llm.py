@@ -77,10 +77,11 @@ class LLM:
     """Load a model once, then tokenize, score and generate.
 
     `model` is a .gguf file, a Hugging Face directory, or a registry name such as "smollm2-135m".
+    `backend` None picks "int" for a bundle compiled with an integer --quant scheme, else "numpy".
     """
 
     def __init__(self, model: str | os.PathLike = "smollm2-135m", *, threads: int | None = None,
-                 n_ctx: int | None = None, backend: str = "numpy", verbose: bool = False,
+                 n_ctx: int | None = None, backend: str | None = None, verbose: bool = False,
                  allow_target_mismatch: bool = False, memory_budget: str | int | None = None,
                  stream_mode: str = "neuron", storage: str | None = None):
         t0 = time.perf_counter()
@@ -94,7 +95,7 @@ class LLM:
         if memory_budget is not None:
             # weights beyond the budget stay in the bundle's weights.bin and are read as needed
             from .memory import make_budgeted_model
-            if backend != "numpy":
+            if backend not in (None, "numpy"):
                 raise EdgeLLMError(f"a memory budget runs on the numpy backend, not {backend!r}",
                                    "drop --backend or the memory budget")
             self.backend = make_budgeted_model(m, memory_budget, mode=stream_mode, storage=storage,
