@@ -56,9 +56,15 @@ def _model_options(p: argparse.ArgumentParser, positional: bool = False) -> None
                         "sparse (neurons the bundle's predictor selects; compile with --profile-neurons)")
     p.add_argument("--storage", default=None, choices=["microsd", "emmc", "ufs", "nvme"],
                    help="with --memory-budget: throttle reads to EMULATE this storage device")
+    p.add_argument("--split-devices", default=None, choices=["off", "cpu", "inline"],
+                   help="with --memory-budget: compute the resident hot neurons on a second device (PowerInfer "
+                        "hot/cold split; 'cpu' = a second CPU worker, 'inline' = same thread)")
+    p.add_argument("--direct-io", action="store_true",
+                   help="with --memory-budget: read streamed weights with O_DIRECT (bypass the page cache)")
     p.add_argument("--backend", default=None,
                    help="numpy (float reference; the default), or for a compiled bundle: tvm, tvm-relax, onnxruntime, "
-                        "int (integer model of a --quant bundle; the default for such a bundle)")
+                        "int (integer model of a --quant bundle; the default for such a bundle), "
+                        "tvm-int (compiled integer-only kernels; the default for an --integer-only bundle)")
     p.add_argument("--verbose", action="store_true", help="print loading details")
 
 
@@ -86,7 +92,8 @@ def _load(args, n_ctx: int | None = None):
     from .runtime.llm import LLM
     path = resolve_model(args.model)
     return LLM(path, threads=args.threads, n_ctx=n_ctx or args.ctx, backend=args.backend, verbose=args.verbose,
-               memory_budget=args.memory_budget, stream_mode=args.stream_mode, storage=args.storage)
+               memory_budget=args.memory_budget, stream_mode=args.stream_mode, storage=args.storage,
+               split_devices=args.split_devices, direct_io=args.direct_io)
 
 
 def _err(msg: str) -> None:

@@ -102,6 +102,14 @@ def test_memory_budget_from_the_command_line(tiny, tmp_path, capsys, shakespeare
     assert "minimum resident set" in capsys.readouterr().err
     assert main(["run", "--model", str(bundle), "--memory-budget", "80%", "--stream-mode", "sparse", "-n", "4",
                  "the"]) == 0
+    # the PowerInfer hot/cold split on a second CPU worker, with O_DIRECT reads: same greedy text
+    capsys.readouterr()
+    assert main(["run", "--model", str(bundle), "--memory-budget", "80%", "--split-devices", "cpu", "--direct-io",
+                 "-n", "6", "--temperature", "0", "--ignore-eos", "the cat"]) == 0
+    assert capsys.readouterr().out.rstrip("\n") == ref
+    assert main(["run", "--model", str(bundle), "--memory-budget", "80%", "--stream-mode", "naive",
+                 "--split-devices", "cpu", "the"]) == 2
+    assert "--split-devices" in capsys.readouterr().err
 
 
 def test_profile_neurons_needs_calibration_text(tiny, tmp_path, capsys):

@@ -7,13 +7,18 @@ arithmetic on the same weights, so their logits must be bit-identical to it, tok
 from __future__ import annotations
 
 import math
+import os
+import shutil
+import tempfile
 import time
+import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from edgellm.compiler.bundle_writer import write_bundle
-from edgellm.compiler.profile_neurons import profile_neurons
+from edgellm.compiler.profile_neurons import profile_neurons, recall_offset
 from edgellm.devices.targets import host_target
 from edgellm.errors import EdgeLLMError
 from edgellm.runtime.backend import NumpyBackend
@@ -21,6 +26,7 @@ from edgellm.runtime.bundle import load_bundle
 from edgellm.runtime.loader import load_model
 from edgellm.runtime.memory import (PROFILE_FILE, StorageModel, get_storage_model, make_budgeted_model,
                                     minimum_resident_set, parse_budget)
+from edgellm.runtime.memory import direct_io
 from edgellm.runtime.memory.budget import fmt_bytes
 from edgellm.runtime.perplexity import token_nll
 
@@ -119,6 +125,24 @@ def test_streaming_equals_reference_and_stays_within_budget(tiny, mode, budget):
     be.close()
 
 
+def test_neuron_streaming_at_the_minimum_budget_equals_reference(tiny):
+    """Nothing of the FFN resident: every neuron comes from storage every token, still bit-identical."""
+    b, ref = tiny
+    need = minimum_resident_set(b.weights, "neuron").total
+    be = make_budgeted_model(b, need, mode="neuron")
+    assert sum(s.filled for s in be.store.slots.values()) == 0
+    # the tiny models are untied: the token embedding is outside the minimum, read a row per token
+    assert be.store.embed_on_demand and "token_embd.weight" not in be.store._res
+    outside = [n for n in b.weights.names() if not n.startswith("blk.") and n != "token_embd.weight"]
+    assert minimum_resident_set(b.weights, "neuron").parts["embeddings/output"] == \
+        sum(b.weights.info(n).nbytes for n in outside)
+    with pytest.raises(EdgeLLMError, match="outside the vocabulary"):
+        be.store.embed(np.asarray([b.config.vocab_size]))
+    assert np.array_equal(run(be, check=lambda: be.store.resident_bytes() <= need), ref)
+    assert be.stats.neuron_hits == 0 and be.stats.bytes_read > 0
+    be.close()
+
+
 def test_prefetch_off_gives_the_same_logits(tiny_q41):
     _, b, _ = tiny_q41
     ref = reference(b)
@@ -180,6 +204,23 @@ def test_profile_measures_sparsity_and_ranks_neurons(profiled):
     assert (np.diff(f[prof.ranking[0]]) <= 0).all(), "ranking must list the most often active neurons first"
 
 
+def test_predictor_recall_is_set_on_held_out_calibration_tokens(profiled, tiny_q41):
+    _, prof = profiled
+    assert prof.meta["validation_tokens"] > 0 and prof.meta["recall_by"] == "count"
+    rng = np.random.default_rng(0)
+    score, mask, w = rng.standard_normal(4000), rng.random(4000) < 0.5, rng.random(4000)
+    tau = recall_offset(score, mask, 0.9)
+    assert abs((score[mask] > tau).mean() - 0.9) < 0.01
+    tau = recall_offset(score, mask, 0.9, w)
+    assert w[mask & (score > tau)].sum() >= 0.9 * w[mask].sum()
+    assert w[mask & (score >= tau)].sum() - w[mask & (score > tau)].sum() > 0, "the offset sits on an active entry"
+    src, _, _ = tiny_q41
+    for bad, match in [(dict(recall=1.5), "recall"), (dict(val_fraction=1.0), "validation"),
+                       (dict(recall_by="energy"), "recall measure")]:
+        with pytest.raises(EdgeLLMError, match=match):
+            profile_neurons(src, ["text"], **bad)
+
+
 def test_predictor_keeps_perplexity_close_and_reads_less(profiled, heldout_text):
     b, prof = profiled
     tokens = [t for t in b.tokenizer.encode(heldout_text[5000:5400], add_bos=False) if t < b.config.vocab_size][:48]
@@ -214,6 +255,149 @@ def test_storage_model_is_labelled_emulation_and_throttles(tiny_q41):
     took = time.perf_counter() - t
     assert took >= 0.9 * be.stats.bytes_read / 1e6, "reads must last as long as on the emulated device"
     be.close()
+
+
+# ---- hot/cold split across two devices (both the CPU) -----------------------------------------
+
+
+def close_to(a, b):
+    """Equal to float32 tolerance: the split sums the down product in two parts (hot + cold), one device in one."""
+    return np.allclose(a, b, rtol=1e-5, atol=1e-5 * float(np.abs(b).max()))
+
+
+@pytest.mark.parametrize("device", ["cpu", "inline"])
+@pytest.mark.parametrize("budget", ["100%", "70%"])
+def test_split_devices_equals_one_device_within_budget(tiny, budget, device):
+    b, ref = tiny
+    one = make_budgeted_model(b, budget, mode="neuron")
+    two = make_budgeted_model(b, budget, mode="neuron", split_devices=device)
+    limit = parse_budget(budget, b.weights.stored_bytes())
+
+    def check():
+        assert two.store.resident_bytes() <= limit
+
+    single, split = run(one), run(two, check=check)
+    assert np.array_equal(single, ref)
+    assert close_to(split, single), f"max diff {np.abs(split - single).max()}"
+    assert (split.argmax(-1) == single.argmax(-1)).all()
+    st = two.stats
+    assert st.device_neurons > 0, "the hot (resident) neurons must run on the second device"
+    if budget == "100%":
+        assert st.device_neurons == st.neurons_computed and st.bytes_read == 0
+    else:
+        assert 0 < st.device_neurons < st.neurons_computed, "cold neurons must run on the CPU path"
+        assert st.bytes_read == one.stats.bytes_read > 0, "the split must not change what is read"
+    one.close(), two.close()
+
+
+def test_split_devices_with_predictor_and_window(profiled):
+    b, prof = profiled
+    budget = parse_budget("60%", b.weights.stored_bytes()) + prof.predictor_bytes
+    one = make_budgeted_model(b, budget, mode="sparse", window=2)
+    two = make_budgeted_model(b, budget, mode="sparse", window=2, split_devices="cpu")
+    single = run(one)
+    split = run(two, check=lambda: two.store.resident_bytes() <= budget)
+    assert close_to(split, single), f"max diff {np.abs(split - single).max()}"
+    assert 0 < two.stats.device_neurons < two.stats.neurons_computed < two.stats.neurons_computed_total
+    assert two.stats.neuron_hits == one.stats.neuron_hits, "windowing must keep the same neurons either way"
+    assert "hot-neuron device" in two.stats.format()
+    one.close(), two.close()
+
+
+def test_split_devices_bad_values(tiny_q41):
+    _, b, _ = tiny_q41
+    with pytest.raises(EdgeLLMError) as e:
+        make_budgeted_model(b, "70%", mode="neuron", split_devices="gpu")
+    assert "--split-devices" in str(e.value) and "cpu" in str(e.value)
+    with pytest.raises(EdgeLLMError, match="needs neuron streaming"):
+        make_budgeted_model(b, "70%", mode="naive", split_devices="cpu")
+    make_budgeted_model(b, "70%", mode="neuron", split_devices="off").close()
+    need = minimum_resident_set(b.weights, "neuron").total        # the split changes no budget arithmetic
+    with pytest.raises(EdgeLLMError, match="minimum resident set"):
+        make_budgeted_model(b, need - 1, mode="neuron", split_devices="cpu")
+    be = make_budgeted_model(b, need, mode="neuron", split_devices="cpu")
+    assert np.array_equal(run(be, check=lambda: be.store.resident_bytes() <= need), reference(b))
+    be.close()
+
+
+# ---- O_DIRECT ----------------------------------------------------------------------------------
+
+
+def _refuses_direct_io(root: Path) -> str | None:
+    """Why the filesystem of `root` refuses O_DIRECT, or None if it accepts it."""
+    probe = root / ".odirect-probe"
+    probe.write_bytes(bytes(4096))
+    try:
+        os.close(direct_io.open_direct(probe))
+    except direct_io.DirectIOUnsupported as e:
+        return f"{root}: {e.strerror}"
+    finally:
+        probe.unlink()
+    return None
+
+
+@pytest.fixture(scope="module")
+def disk_bundle(tiny_q41):
+    """The tiny bundle in a directory that accepts O_DIRECT (tmpfs refuses it: then a copy in the user cache)."""
+    _, b, d = tiny_q41
+    why = _refuses_direct_io(d)
+    if why is None:
+        yield b
+        return
+    cache = Path.home() / ".cache" / "edgellm"
+    cache.mkdir(parents=True, exist_ok=True)
+    why_cache = _refuses_direct_io(cache)
+    if why_cache is not None:
+        pytest.skip(f"no filesystem here accepts O_DIRECT ({why}; {why_cache})")
+    tmp = Path(tempfile.mkdtemp(dir=cache))
+    try:
+        yield load_bundle(shutil.copytree(b.path, tmp / "bundle"))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_direct_io_reads_equal_buffered_reads(disk_bundle):
+    b = disk_bundle
+    be = make_budgeted_model(b, "60%", mode="neuron", direct_io=True)
+    assert "O_DIRECT" in be.store.describe() and "O_DIRECT" in be.stats.format()
+    data = Path(b.path, "weights.bin").read_bytes()
+    rng = np.random.default_rng(0)
+    spans = [(0, 1), (4095, 2), (4096, 4096), (len(data) - 7, 7), (0, len(data))]
+    spans += [(int(o), int(n)) for o, n in zip(rng.integers(0, len(data) - 9000, 20), rng.integers(1, 9000, 20))]
+    for off, n in spans:
+        before = be.stats.bytes_read
+        got = be.store.io.read(off, n)
+        assert got.tobytes() == data[off:off + n], f"bytes differ at offset {off}, length {n}"
+        lo, size = direct_io.aligned_span(off, n)
+        assert be.stats.bytes_read - before == min(size, len(data) - lo), "O_DIRECT moves whole pages"
+    with pytest.raises(EdgeLLMError, match="ended"):
+        be.store.io.read(len(data) - 10, 20)
+    be.stats.reset()
+    ref = reference(b)
+    assert np.array_equal(run(be), ref) and be.stats.bytes_read > 0
+    be.close()
+
+
+def test_direct_io_refused_falls_back_with_a_message(tiny_q41, monkeypatch):
+    _, b, _ = tiny_q41
+
+    def refuse(path):
+        raise direct_io.DirectIOUnsupported(22, f"the filesystem of {path} refuses O_DIRECT (Invalid argument)")
+
+    monkeypatch.setattr("edgellm.runtime.memory.streamed_store.open_direct", refuse)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        be = make_budgeted_model(b, "60%", mode="neuron", direct_io=True)
+    assert any("direct I/O is not available" in str(x.message) and "--direct-io" in str(x.message) for x in w)
+    assert "O_DIRECT refused" in be.store.describe()
+    assert np.array_equal(run(be), reference(b))
+    be.close()
+
+
+def test_direct_io_bad_value(tiny_q41):
+    _, b, _ = tiny_q41
+    with pytest.raises(EdgeLLMError, match="--direct-io"):
+        make_budgeted_model(b, "60%", mode="neuron", direct_io="yes")
 
 
 # ---- SmolLM2 -----------------------------------------------------------------------------------

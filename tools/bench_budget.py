@@ -5,9 +5,11 @@ layers, read in full every token when not resident), neuron streaming without th
 neurons resident, every other neuron read every token) and neuron streaming with the predictor +
 windowing + prefetch. Decode runs on the real disk with the page cache evicted, and optionally
 again under an emulated storage device (labelled EMULATED). Perplexity is llama.cpp-style on a
-held-out Hamlet excerpt (calibration never reads Hamlet).
+held-out Hamlet excerpt (calibration never reads Hamlet). --split-devices cpu adds the predictor
+configuration with the hot/cold split (hot neurons on a second CPU worker), --direct-io reads with
+O_DIRECT, --plot writes tokens/s against budget as a PNG (matplotlib, imported only then).
 
-    python tools/bench_budget.py --bundle B --profile neurons.npz --hamlet .../hamlet_gut.txt
+    python tools/bench_budget.py --bundle B --profile neurons.npz --hamlet .../hamlet_gut.txt --plot budget.png
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import numpy as np
 
 from edgellm.runtime.backend import NumpyBackend
 from edgellm.runtime.bundle import load_bundle
-from edgellm.runtime.memory import PROFILE_FILE, STORAGE_PROFILES, load_profile, make_budgeted_model
+from edgellm.runtime.memory import PROFILE_FILE, STORAGE_PROFILES, bundle_profile, load_profile, make_budgeted_model
 from edgellm.runtime.perplexity import perplexity
 
 
@@ -60,34 +62,36 @@ def decode_speed(backend, prompt: list[int], n: int) -> dict:
     return out
 
 
-def plot_svg(rows: list[dict], path: str, key: str = "decode_tok_s", title: str = "decode tokens/s vs memory budget") -> None:
-    """tokens/s against budget, one line per mode, as a small dependency-free SVG (matplotlib is not a dependency)."""
-    modes = [m for m in dict.fromkeys(r["mode"] for r in rows if r["budget"].endswith("%"))]
-    pts = {m: sorted((float(r["budget"][:-1]), r[key]) for r in rows if r["mode"] == m and key in r) for m in modes}
-    ymax = max([y for p in pts.values() for _, y in p] + [1e-9]) * 1.1
-    W, H, L, B = 640, 400, 60, 50
-    X = lambda x: L + (x - 25) / 80 * (W - L - 20)  # noqa: E731 - budgets 25..105 %
-    Y = lambda y: H - B - y / ymax * (H - B - 30)  # noqa: E731
-    colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12">',
-           f'<text x="{W / 2}" y="18" text-anchor="middle">{title}</text>',
-           f'<line x1="{L}" y1="{H - B}" x2="{W - 20}" y2="{H - B}" stroke="black"/>',
-           f'<line x1="{L}" y1="{H - B}" x2="{L}" y2="30" stroke="black"/>',
-           f'<text x="{W / 2}" y="{H - 10}" text-anchor="middle">memory budget (% of weight bytes)</text>']
-    for b in (35, 50, 75, 100):
-        out.append(f'<text x="{X(b)}" y="{H - B + 16}" text-anchor="middle">{b}%</text>')
-    for k in range(5):
-        v = ymax * k / 4
-        out.append(f'<text x="{L - 6}" y="{Y(v) + 4}" text-anchor="end">{v:.2f}</text>')
-    for n, (m, p) in enumerate(pts.items()):
-        c = colors[n % len(colors)]
-        if len(p) > 1:
-            out.append(f'<polyline fill="none" stroke="{c}" stroke-width="2" points="'
-                       + " ".join(f"{X(x):.1f},{Y(y):.1f}" for x, y in p) + '"/>')
-        out += [f'<circle cx="{X(x):.1f}" cy="{Y(y):.1f}" r="3" fill="{c}"/>' for x, y in p]
-        out.append(f'<text x="{L + 10}" y="{40 + 16 * n}" fill="{c}">{m}</text>')
-    out.append("</svg>")
-    Path(path).write_text("\n".join(out))
+def plot(rows: list[dict], path: str, key: str = "decode_tok_s", title: str = "decode tokens/s vs memory budget") -> Path:
+    """tokens/s against budget, one line per mode (PNG, or SVG/PDF by the file's extension), with matplotlib.
+
+    matplotlib is imported here, with the Agg backend, so the benchmark runs without it unless a plot is asked for.
+    """
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    modes = list(dict.fromkeys(r["mode"] for r in rows if r["budget"].endswith("%")))
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    for m in modes:
+        pts = sorted((float(r["budget"][:-1]), r[key]) for r in rows if r["mode"] == m and key in r)
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=m)
+    dense = [r[key] for r in rows if not r["budget"].endswith("%") and key in r]
+    if dense:
+        ax.axhline(dense[0], color="gray", linestyle="--", label="dense (all weights resident)")
+    ax.set_xlabel("memory budget (% of weight bytes)")
+    ax.set_ylabel("decode tokens/s")
+    ax.set_title(title)
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = Path(path)
+    tmp = out.with_name(out.name + ".tmp")
+    fig.savefig(tmp, format=out.suffix.lstrip(".") or "png")
+    plt.close(fig)
+    tmp.replace(out)
+    return out
 
 
 def main(argv=None) -> int:
@@ -103,11 +107,14 @@ def main(argv=None) -> int:
     p.add_argument("--emulate", default="microsd", help="storage device to emulate as well ('' for none)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", default="bench_budget.json")
-    p.add_argument("--plot", default="", help="write tokens/s against budget as an SVG")
+    p.add_argument("--plot", default="", help="write tokens/s against budget to this PNG (matplotlib)")
+    p.add_argument("--split-devices", default="off", help="also run the predictor config with the hot/cold split "
+                   "on this second device ('cpu': a CPU worker thread; 'off': skip)")
+    p.add_argument("--direct-io", action="store_true", help="read with O_DIRECT instead of buffered + fadvise")
     a = p.parse_args(argv)
 
     b = load_bundle(a.bundle, verify=False, allow_target_mismatch=True)
-    prof = load_profile(a.profile) if a.profile else None
+    prof = load_profile(a.profile) if a.profile else bundle_profile(a.bundle)
     total = b.weights.stored_bytes()
     text = Path(a.hamlet).read_text(encoding="utf-8", errors="replace")
     ids = b.tokenizer.encode(text[len(text) // 2:], add_bos=False)[:a.ppl_ctx * a.ppl_chunks]
@@ -121,10 +128,14 @@ def main(argv=None) -> int:
     print(f"# dense reference: ppl {dense.ppl:.4f} over {dense.n_tokens} scored tokens, {rows[0]['decode_tok_s']:.2f} tok/s")
     configs = [("naive", dict(mode="naive")), ("neuron, no predictor", dict(mode="neuron", profile=prof)),
                (f"neuron + predictor + window {a.window} + prefetch", dict(mode="neuron", predictor=prof, window=a.window))]
+    if a.split_devices != "off":
+        configs.append((f"same + hot/cold split ({a.split_devices} device)",
+                        dict(mode="neuron", predictor=prof, window=a.window, split_devices=a.split_devices)))
     for pct in [float(x) for x in a.budgets.split(",")]:
         for name, kw in configs:
-            if kw.get("predictor", 0) is None:
+            if kw.get("predictor", 0) is None or (prof is not None and not prof.has_predictor and "predictor" in kw):
                 continue
+            kw = {**kw, "direct_io": a.direct_io}
             row = {"budget": f"{pct:g}%", "mode": name}
             try:
                 t = time.perf_counter()
@@ -150,7 +161,7 @@ def main(argv=None) -> int:
             print(json.dumps(row), flush=True)
     Path(a.json).write_text(json.dumps(rows, indent=1))
     if a.plot:
-        plot_svg(rows, a.plot)
+        print(f"# plot: {plot(rows, a.plot)}")
     print("\n| budget | mode | decode tok/s (real disk) | MB read/token | reads/token | hit rate | neurons computed | "
           f"ppl (vs dense) | decode tok/s {a.emulate or ''} (EMULATED) | modelled I/O s/token microSD / eMMC / UFS |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -164,7 +175,7 @@ def main(argv=None) -> int:
         print(f"| {r['budget']} | {r['mode']} | {r['decode_tok_s']:.2f} | {r.get('bytes_per_token', 0) / 1e6:.2f} | "
               f"{r.get('read_requests', 0):.0f} | {100 * r.get('hit_rate', 1):.0f}% | "
               f"{100 * r.get('computed_fraction', 1):.0f}% | {r['ppl']:.3f}{rel} | "
-              f"{em.get('decode_tok_s', float('nan')):.2f} | "
+              + (f"{em['decode_tok_s']:.2f}" if em else "—") + " | "
               f"{' / '.join(f'{io.get(k, 0):.3f}' for k in ('microsd', 'emmc', 'ufs'))} |")
     return 0
 

@@ -6,7 +6,8 @@ calibration text through the numpy reference gives, per layer, each neuron's act
 (the hot-first ranking a budgeted runtime keeps resident) and (FFN input h, active mask) pairs on
 which a low-rank linear predictor is fitted by reduced-rank least squares (LLM in a flash uses a
 low-rank predictor the same way). Its per-layer bias is then lowered until it recalls `recall` of
-the truly active neurons on the calibration tokens. The result is a NeuronProfile (neurons.npz).
+the truly active neurons on held-out calibration tokens (a quarter of the chunks, not fitted on).
+The result is a NeuronProfile (neurons.npz).
 
 Calibration must not include the evaluation text: the default corpus is the Shakespeare plays
 except Hamlet, which the perplexity benchmarks hold out.
@@ -82,10 +83,27 @@ def collect(loaded, texts: list[str], n_ctx: int = 256, max_tokens: int = 4096, 
     return [np.concatenate(h) for h in rec.h], [np.concatenate(a) for a in rec.a]
 
 
-def fit_predictor(h: np.ndarray, mask: np.ndarray, rank: int, recall: float, ridge: float = 1e-2):
+def recall_offset(score: np.ndarray, mask: np.ndarray, recall: float, weight: np.ndarray | None = None) -> float:
+    """The score offset above which `recall` of the active entries (weighted: of their activation mass) lie."""
+    if not mask.any():
+        return 0.0
+    if weight is None:
+        return float(np.quantile(score[mask], 1.0 - recall))
+    s, w = score[mask], weight[mask].astype(np.float64)
+    order = np.argsort(s, kind="stable")
+    dropped = np.cumsum(w[order]) / w.sum()                 # mass lost when dropping everything up to here
+    k = int(np.searchsorted(dropped, 1.0 - recall, side="right"))
+    return float(s[order[k - 1]]) if k > 0 else float(s.min()) - 1.0
+
+
+def fit_predictor(h: np.ndarray, mask: np.ndarray, rank: int, recall: float, ridge: float = 1e-2,
+                  val: tuple | None = None, weight: np.ndarray | None = None):
     """Reduced-rank least squares h -> (+1 active / -1 inactive); bias lowered to reach `recall`.
 
-    Returns (A [dim, r], B [r, ffn], bias [ffn], achieved recall, predicted-active fraction).
+    val: (h, mask, weight) of held-out calibration tokens on which the per-layer bias offset is chosen
+    (default: the fitting tokens, whose recall is optimistic); weight: |activation| to make `recall` a
+    share of activation mass rather than of the count of active neurons.
+    Returns (A [dim, r], B [r, ffn], bias [ffn], achieved recall, predicted-active fraction) on the val tokens.
     """
     mu_h = h.mean(axis=0)
     y = np.where(mask, 1.0, -1.0).astype(np.float32)
@@ -99,22 +117,43 @@ def fit_predictor(h: np.ndarray, mask: np.ndarray, rank: int, recall: float, rid
     v = vt[:rank].T                                                 # [ffn, r]
     a, b = w @ v, v.T
     bias = mu_y - mu_h @ a @ b
-    score = h @ a @ b + bias
+    hv, mv, wv = val if val is not None else (h, mask, weight)
+    score = hv @ a @ b + bias
     # lower the bias by one per-layer offset until `recall` of the truly active neurons are predicted
-    tau = float(np.quantile(score[mask], 1.0 - recall)) if mask.any() else 0.0
+    tau = recall_offset(score, mv, recall, wv)
     bias = bias - tau
     pred = score - tau > 0
-    got = float((pred & mask).sum() / max(1, mask.sum()))
+    got = float((pred & mv).sum() / max(1, mv.sum()))
     return a.astype(np.float32), b.astype(np.float32), bias.astype(np.float32), got, float(pred.mean())
 
 
-def profile_neurons(loaded, texts: list[str], sparsity: float = 0.5, rank: int = 32, recall: float = 0.95,
-                    n_ctx: int = 256, max_tokens: int = 4096, log=print) -> NeuronProfile:
-    """Ranking + thresholds + low-rank predictor for every layer (rank 0: ranking only)."""
+def profile_neurons(loaded, texts: list[str], sparsity: float = 0.5, rank: int = 32, recall: float = 0.99,
+                    n_ctx: int = 256, max_tokens: int = 4096, log=print, val_fraction: float = 0.25,
+                    recall_by: str = "count") -> NeuronProfile:
+    """Ranking + thresholds + low-rank predictor for every layer (rank 0: ranking only).
+
+    The predictor is fitted on the first (1 - val_fraction) of the calibration tokens and its per-layer
+    bias offset chosen on the rest for `recall` (recall_by "count": of active neurons, "mass": of their
+    summed |activation|, which weighs a missed large activation more than a missed marginal one).
+    """
     if not 0.0 < sparsity < 1.0:
         raise EdgeLLMError(f"target sparsity {sparsity} is not between 0 and 1", "pass e.g. 0.5")
+    if not 0.0 < recall <= 1.0:
+        raise EdgeLLMError(f"target recall {recall} is not in (0, 1]", "pass e.g. 0.95")
+    if not 0.0 <= val_fraction < 1.0:
+        raise EdgeLLMError(f"validation fraction {val_fraction} is not in [0, 1)", "pass e.g. 0.25")
+    if recall_by not in ("count", "mass"):
+        raise EdgeLLMError(f"unknown recall measure {recall_by!r}", 'pass "count" or "mass"')
     hs, acts = collect(loaded, texts, n_ctx, max_tokens, log)
-    L, ffn = loaded.config.n_layers, loaded.config.ffn_dim
+    return build_profile(hs, acts, sparsity, rank, recall, n_ctx, log, val_fraction, recall_by)
+
+
+def build_profile(hs: list, acts: list, sparsity: float = 0.5, rank: int = 32, recall: float = 0.99, n_ctx: int = 256,
+                  log=print, val_fraction: float = 0.25, recall_by: str = "count") -> NeuronProfile:
+    """The NeuronProfile from collected per-layer FFN inputs `hs` and |activations| `acts` (see profile_neurons)."""
+    L, ffn = len(hs), acts[0].shape[1]
+    n_val = (int(len(hs[0]) * val_fraction) // n_ctx) * n_ctx     # whole chunks, so no text is in both parts
+    cut = len(hs[0]) - n_val
     ranking = np.zeros((L, ffn), np.int32)
     freq = np.zeros((L, ffn), np.float32)
     thr = np.zeros(L, np.float32)
@@ -126,15 +165,20 @@ def profile_neurons(loaded, texts: list[str], sparsity: float = 0.5, rank: int =
         freq[i] = mask.mean(axis=0)
         ranking[i] = np.argsort(-freq[i], kind="stable")
         if rank > 0:
-            A, B, bias, rec, frac = fit_predictor(hs[i], mask, rank, recall)
+            weight = a if recall_by == "mass" else None
+            val = (hs[i][cut:], mask[cut:], None if weight is None else weight[cut:]) if n_val else None
+            A, B, bias, rec, frac = fit_predictor(hs[i][:cut], mask[:cut], rank, recall, val=val,
+                                                  weight=None if weight is None else weight[:cut])
             pa.append(A), pb.append(B), pbias.append(bias), recalls.append(rec), fracs.append(frac)
     meta = {"target_sparsity": sparsity, "measured_sparsity": float(1.0 - freq.mean()), "tokens": int(len(hs[0])),
-            "n_ctx": n_ctx, "rank": rank, "target_recall": recall, "definition": "|silu(gate.h)*up.h| > threshold[layer]"}
+            "n_ctx": n_ctx, "rank": rank, "target_recall": recall, "recall_by": recall_by,
+            "validation_tokens": n_val, "definition": "|silu(gate.h)*up.h| > threshold[layer]"}
     if rank > 0:
         meta.update(recall=float(np.mean(recalls)), predicted_fraction=float(np.mean(fracs)),
                     predicted_fraction_per_layer=[round(f, 4) for f in fracs])
         log(f"profile-neurons: sparsity {meta['measured_sparsity']:.3f}, predictor rank {rank}: recall "
-            f"{meta['recall']:.3f}, predicts {100 * meta['predicted_fraction']:.1f}% of neurons active (calibration)")
+            f"{meta['recall']:.3f} (count, on {n_val or len(hs[0])} {'held-out ' if n_val else ''}calibration tokens), "
+            f"predicts {100 * meta['predicted_fraction']:.1f}% of neurons active")
     return NeuronProfile(ranking, freq, thr, np.stack(pa).astype(np.float16) if rank > 0 else None,
                          np.stack(pb).astype(np.float16) if rank > 0 else None,
                          np.stack(pbias) if rank > 0 else None, meta)
@@ -147,12 +191,15 @@ def main(argv=None) -> int:
     p.add_argument("-o", "--output", default=PROFILE_FILE)
     p.add_argument("--sparsity", type=float, default=0.5)
     p.add_argument("--rank", type=int, default=32)
-    p.add_argument("--recall", type=float, default=0.95)
+    p.add_argument("--recall", type=float, default=0.99)
     p.add_argument("--tokens", type=int, default=4096)
+    p.add_argument("--val-fraction", type=float, default=0.25, help="calibration tokens held out to set the recall")
+    p.add_argument("--recall-by", choices=["count", "mass"], default="count")
     a = p.parse_args(argv)
     from ..runtime.loader import load_model
     loaded = load_model(a.model, allow_target_mismatch=True)
-    prof = profile_neurons(loaded, calibration_texts(a.calibration), a.sparsity, a.rank, a.recall, max_tokens=a.tokens)
+    prof = profile_neurons(loaded, calibration_texts(a.calibration), a.sparsity, a.rank, a.recall, max_tokens=a.tokens,
+                           val_fraction=a.val_fraction, recall_by=a.recall_by)
     print(prof.save(a.output))
     return 0
 

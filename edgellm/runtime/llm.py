@@ -83,7 +83,8 @@ class LLM:
     def __init__(self, model: str | os.PathLike = "smollm2-135m", *, threads: int | None = None,
                  n_ctx: int | None = None, backend: str | None = None, verbose: bool = False,
                  allow_target_mismatch: bool = False, memory_budget: str | int | None = None,
-                 stream_mode: str = "neuron", storage: str | None = None):
+                 stream_mode: str = "neuron", storage: str | None = None, split_devices: str | None = None,
+                 direct_io: bool = False):
         t0 = time.perf_counter()
         m = load_model(model, allow_target_mismatch=allow_target_mismatch)
         self.config, self.tokenizer, self.path, self.metadata = m.config, m.tokenizer, m.path, m.metadata
@@ -99,7 +100,8 @@ class LLM:
                 raise EdgeLLMError(f"a memory budget runs on the numpy backend, not {backend!r}",
                                    "drop --backend or the memory budget")
             self.backend = make_budgeted_model(m, memory_budget, mode=stream_mode, storage=storage,
-                                               threads=self.threads)
+                                               threads=self.threads, split_devices=split_devices,
+                                               direct_io=direct_io)
         else:
             self.backend = make_backend(backend, m, self.threads)
         self.backend.prepare()

@@ -1,9 +1,10 @@
 """Memory budgets: parse "60MB" / "35%" and compute the minimum resident set a budget must cover.
 
 The budget counts stored weight bytes (the bundle's quantized bytes) held in process memory across
-tokens. Some tensors cannot be streamed usefully: the embedding/output matrices are read in full
-for every token, norms are tiny, and neuron mode needs ffn_down's per-block shared bits (scales,
-minimums) to decode any single down column. Those make up the minimum resident set.
+tokens. Some tensors cannot be streamed usefully: the output matrix is read in full for every token
+(and so is the token embedding when tied to it; an untied one is read a row per token instead),
+norms are tiny, and neuron mode needs ffn_down's per-block shared bits (scales, minimums) to decode
+any single down column. Those make up the minimum resident set.
 """
 from __future__ import annotations
 
@@ -72,17 +73,26 @@ def _kind(name: str) -> str:
     return "attention"
 
 
+def embedding_on_demand(bundle) -> bool:
+    """An untied model's token embedding is only indexed (a row per token): it is read by rows, not kept resident."""
+    return "token_embd.weight" in bundle and "output.weight" in bundle
+
+
 def minimum_resident_set(bundle, mode: str, predictor_bytes: int = 0) -> ResidentMinimum:
     """The minimum resident set of a BundleStore for `mode` ("naive" streams whole layers, "neuron" single records).
 
-    naive: tensors outside the layers (embedding, output, output norm); a layer is streamed as one region.
+    naive: tensors outside the layers (output matrix, output norm, and the token embedding when it is tied to
+    the output); a layer is streamed as one region.
     neuron: that, plus every layer's norms and ffn_down shared bits, plus the predictor.
     """
     parts = {"embeddings/output": 0}
     total = 0
+    rows_only = embedding_on_demand(bundle)
     for n in bundle.names():
         nb = bundle.info(n).nbytes
         total += nb
+        if rows_only and n == "token_embd.weight":
+            continue
         k = _kind(n)
         if k == "embeddings/output" or (mode == "neuron" and k == "norms"):
             parts[k] = parts.get(k, 0) + nb

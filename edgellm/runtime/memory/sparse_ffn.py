@@ -36,6 +36,27 @@ def round_activations(x: np.ndarray, qtype: Q) -> tuple[np.ndarray, np.ndarray |
     return xr, None
 
 
+def ffn_activations(h: np.ndarray, gate: np.ndarray, up: np.ndarray, qtypes: tuple, mins: tuple,
+                    mask: np.ndarray | None = None, act_quant: str = "ggml") -> np.ndarray:
+    """silu(gate . h) * (up . h) [T, k] for k neurons (gate, up: float32 [k, dim] rows); mask zeroes inactive ones."""
+    if act_quant == "ggml":
+        g = quantized_matmul(h, gate, qtypes[0], mins=mins[0])
+        u = quantized_matmul(h, up, qtypes[1], mins=mins[1])
+    else:
+        g, u = h @ gate.T, h @ up.T
+    a = silu(g) * u
+    return a if mask is None else np.where(mask, a, np.float32(0.0))
+
+
+def down_input(full: np.ndarray, qd: Q, act_quant: str = "ggml") -> tuple[np.ndarray, np.ndarray | None]:
+    """The full-width activations [T, ffn] as ffn_down sees them, and the Q8_1 correction (see round_activations).
+
+    Rounding works on 32-neuron blocks, so it needs every neuron's activation: a hot/cold split computes
+    the activations on both devices, rounds the merged vector once here, then splits the down product.
+    """
+    return round_activations(full, qd) if act_quant == "ggml" else (full, None)
+
+
 def sparse_ffn(h: np.ndarray, ids: np.ndarray, ffn_dim: int, gate: np.ndarray, up: np.ndarray, down: np.ndarray,
                qtypes: tuple[Q, Q, Q], mins: tuple, mask: np.ndarray | None = None, act_quant: str = "ggml") -> np.ndarray:
     """FFN of h [T, dim] over neurons `ids` (sorted, k of ffn_dim).
@@ -44,21 +65,17 @@ def sparse_ffn(h: np.ndarray, ids: np.ndarray, ffn_dim: int, gate: np.ndarray, u
     minimums (gate [k, nb], up [k, nb], down [dim, ffn_dim/32]) or None; mask [T, k]: per-token
     activity (a neuron loaded for one token of a batch is zeroed for the others), None = all.
     """
-    qg, qu, qd = qtypes
-    if act_quant == "ggml":
-        g = quantized_matmul(h, gate, qg, mins=mins[0])
-        u = quantized_matmul(h, up, qu, mins=mins[1])
-    else:
-        g, u = h @ gate.T, h @ up.T
-    a = silu(g) * u
-    if mask is not None:
-        a = np.where(mask, a, np.float32(0.0))
+    a = ffn_activations(h, gate, up, qtypes, mins, mask, act_quant)
     if act_quant != "ggml":
         return a @ down.T
     full = np.zeros((h.shape[0], ffn_dim), dtype=np.float32)
     full[:, ids] = a
-    xr, corr = round_activations(full, qd)
-    y = xr[:, ids] @ down.T
-    if corr is not None and mins[2] is not None:
-        y += corr @ mins[2].T
-    return y
+    xr, corr = down_input(full, qtypes[2], act_quant)
+    return xr[:, ids] @ down.T + down_correction(corr, mins[2])
+
+
+def down_correction(corr: np.ndarray | None, mins_d: np.ndarray | None):
+    """The Q8_1 block-sum term times ffn_down's block minimums (0 when the types have none)."""
+    if corr is None or mins_d is None:
+        return np.float32(0.0)
+    return corr @ mins_d.T

@@ -18,10 +18,13 @@ class StreamStats:
     neurons_total: int = 0          # sum over layers and forwards of ffn_dim
     neurons_computed: int = 0       # sum over layers and tokens of neurons computed (predicted active)
     neurons_computed_total: int = 0
+    device_neurons: int = 0         # of neurons_computed, those the second device computed (hot/cold split)
+    device_wait_s: float = 0.0      # time the CPU path waited for the second device
     io_read_s: float = 0.0          # time spent inside reads (both threads, throttling included)
     io_wait_s: float = 0.0          # time the compute thread waited for reads
     forward_s: float = 0.0
     emulated: str | None = None     # label of the emulated storage device, if any
+    io_mode: str = "real (page cache evicted)"   # how reads reach the real device
     peak_resident: int = 0
     history: list = field(default_factory=list)   # (tokens, bytes_read) per forward
 
@@ -58,16 +61,20 @@ class StreamStats:
                 "read_requests": self.read_requests, "neuron_hit_rate": self.hit_rate,
                 "loaded_neuron_fraction": self.active_fraction, "computed_neuron_fraction": self.computed_fraction, "prefetch_bytes": self.prefetch_bytes,
                 "compute_s": self.compute_s, "io_wait_s": self.io_wait_s, "io_read_s": self.io_read_s,
-                "peak_resident_bytes": self.peak_resident, "storage": self.emulated or "real (page cache evicted)"}
+                "peak_resident_bytes": self.peak_resident, "storage": self.emulated or self.io_mode,
+                "device_neuron_fraction": self.device_neurons / self.neurons_computed if self.neurons_computed else 0.0,
+                "device_wait_s": self.device_wait_s}
 
     def format(self) -> str:
         s = self.summary()
         return (f"streaming: {s['bytes_per_token'] / 1e6:.2f} MB read/token ({s['read_requests']} requests, "
                 f"{self.bytes_read / 1e6:.1f} MB total over {self.tokens} tokens), neuron cache hit rate "
                 f"{100 * s['neuron_hit_rate']:.1f}%, neurons loaded {100 * s['loaded_neuron_fraction']:.1f}% / computed per token {100 * s['computed_neuron_fraction']:.1f}%, "
-                f"compute {s['compute_s']:.2f} s, waiting for I/O {s['io_wait_s']:.2f} s; storage: {s['storage']}")
+                f"compute {s['compute_s']:.2f} s, waiting for I/O {s['io_wait_s']:.2f} s; storage: {s['storage']}"
+                + (f"; hot/cold split: {100 * s['device_neuron_fraction']:.1f}% of computed neurons on the hot-neuron "
+                   f"device, waited {s['device_wait_s']:.2f} s for it" if self.device_neurons else ""))
 
     def reset(self) -> None:
-        emulated = self.emulated
+        emulated, io_mode = self.emulated, self.io_mode
         self.__init__()
-        self.emulated = emulated
+        self.emulated, self.io_mode = emulated, io_mode

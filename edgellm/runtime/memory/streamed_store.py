@@ -1,7 +1,8 @@
 """A weight store that holds at most a memory budget of weight bytes and streams the rest from weights.bin.
 
-Resident (read once, kept): embeddings/output, plus in neuron mode every layer's norms and ffn_down
-shared bits. The rest of the budget goes, in naive mode, to whole layers in layer order; in neuron
+Resident (read once, kept): the output matrix and the token embedding (an untied one is read a row
+per token when the budget is short; a tied one is the output matrix, needed whole every token), plus
+in neuron mode every layer's norms and ffn_down shared bits. The rest of the budget goes, in naive mode, to whole layers in layer order; in neuron
 mode first to whole attention blocks (every token needs all of them), then to FFN neuron slots,
 filled hot-first from the bundle's neuron ranking (else neuron order). Anything not resident is
 read from storage when a token needs it: naive mode reads a layer's whole region; neuron mode reads
@@ -10,7 +11,8 @@ merging records closer than `coalesce_bytes` into one read. With `window=k`, neu
 token replace slots whose neurons no token of the last k used (LLM in a flash's sliding window).
 
 Reads use os.pread and posix_fadvise(DONTNEED) on what was read, so the next read of the same bytes
-comes from the device, not the page cache; an optional StorageModel stretches reads to an emulated
+comes from the device, not the page cache, or with `direct_io` O_DIRECT (whole aligned pages, never
+cached; see direct_io.py); an optional StorageModel stretches reads to an emulated
 device. Budget accounting counts the stored (quantized) bytes of what is resident; the numpy
 backend also keeps float32 working copies of them (reported by `compute_cache_bytes`), which a
 quantized-kernel backend would not need. Transient staging (at most the layer being computed and
@@ -21,6 +23,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterator
@@ -34,11 +37,13 @@ from ...errors import EdgeLLMError
 from ..act_quant import block_mins
 from ..bundle import TYPED, BundleStore, unbundle_down
 from ..weights import TensorInfo, WeightStore, dequantize
-from .budget import check_budget, fmt_bytes, minimum_resident_set
+from .budget import check_budget, embedding_on_demand, fmt_bytes, minimum_resident_set
+from .direct_io import DIRECT_FLAG, DirectIOUnsupported, DirectReader, open_direct
 from .stats import StreamStats
 from .storage_model import StorageModel, get_storage_model
 
 MODES = ("naive", "neuron")
+EMBED = "token_embd.weight"
 FFN_PARTS = ("ffn_gate", "ffn_up", "ffn_down")
 
 
@@ -81,42 +86,75 @@ def decode(raw: np.ndarray, qtype: Q, shape: tuple[int, ...]) -> Tensor:
 
 
 class _Reader:
-    """pread from weights.bin, evicting what was read from the page cache; optional device emulation."""
+    """pread from weights.bin, evicting what was read from the page cache (or bypassing it: O_DIRECT);
+    optional device emulation."""
 
-    def __init__(self, path, stats: StreamStats, storage: StorageModel | None, evict: bool):
+    def __init__(self, path, stats: StreamStats, storage: StorageModel | None, evict: bool, direct: bool = False):
         self.fd = os.open(path, os.O_RDONLY)
         self.stats, self.storage, self.evict = stats, storage, evict and hasattr(os, "posix_fadvise")
         self.lock = threading.Lock()
+        self.direct: DirectReader | None = None
+        self.direct_refused: str | None = None
+        if direct:
+            try:
+                self.direct = DirectReader(open_direct(path))
+            except DirectIOUnsupported as e:
+                self._refuse(e)
         if self.evict:
             os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
-    def read(self, offset: int, n: int, prefetch: bool = False) -> np.ndarray:
-        t = time.perf_counter()
+    def _refuse(self, e: OSError) -> None:
+        """Fall back to buffered reads (with page-cache eviction) and say so once."""
+        if self.direct is not None:
+            os.close(self.direct.fd)
+            self.direct = None
+        self.evict = hasattr(os, "posix_fadvise")
+        self.direct_refused = e.strerror or str(e)
+        warnings.warn(f"direct I/O is not available: {self.direct_refused}; reading through the page cache and "
+                      f"evicting what was read instead (put the bundle on a disk filesystem such as ext4/xfs for "
+                      f"{DIRECT_FLAG})", RuntimeWarning, stacklevel=3)
+
+    def _pread(self, offset: int, n: int) -> tuple[np.ndarray, int]:
+        if self.direct is not None:
+            try:
+                return self.direct.read(offset, n)
+            except DirectIOUnsupported as e:
+                self._refuse(e)
         buf = bytearray(n)
         view, got = memoryview(buf), 0
         while got < n:
             k = os.preadv(self.fd, [view[got:]], offset + got)
             if k <= 0:
-                raise EdgeLLMError(f"weights.bin ended {n - got} bytes early at offset {offset + got}",
-                                   "the bundle is damaged: re-copy it or compile it again")
+                break
             got += k
         if self.evict:
             os.posix_fadvise(self.fd, offset, n, os.POSIX_FADV_DONTNEED)
+        return np.frombuffer(buf, dtype=np.uint8)[:got], got
+
+    def read(self, offset: int, n: int, prefetch: bool = False) -> np.ndarray:
+        t = time.perf_counter()
+        data, moved = self._pread(offset, n)
+        if len(data) < n:
+            raise EdgeLLMError(f"weights.bin ended {n - len(data)} bytes early at offset {offset + len(data)}",
+                               "the bundle is damaged: re-copy it or compile it again")
         if self.storage is not None:
-            self.storage.throttle(n, time.perf_counter() - t)
+            self.storage.throttle(moved, time.perf_counter() - t)
         with self.lock:
             s = self.stats
-            s.bytes_read += n
+            s.bytes_read += moved
             s.read_requests += 1
             s.io_read_s += time.perf_counter() - t
             if prefetch:
-                s.prefetch_bytes += n
-        return np.frombuffer(buf, dtype=np.uint8)
+                s.prefetch_bytes += moved
+        return data
 
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+        if self.direct is not None:
+            os.close(self.direct.fd)
+            self.direct = None
 
 
 class _NeuronSlots:
@@ -138,7 +176,7 @@ class _NeuronSlots:
         self.ids[slots] = ids
         self.slot_of[ids] = slots
         self.gate[slots], self.up[slots] = dec["gate"], dec["up"]
-        self.down[:, slots] = dec["down"].T
+        self.down[:, slots] = dec["down"]
         if self.mins_g is not None:
             self.mins_g[slots] = dec["mins_g"]
         if self.mins_u is not None:
@@ -159,7 +197,7 @@ class StreamedStore(WeightStore):
     def __init__(self, bundle: BundleStore, budget: int, mode: str = "naive", ranking: np.ndarray | None = None,
                  window: int = 0, extra_resident: dict[str, int] | None = None,
                  storage: StorageModel | str | None = None, evict_page_cache: bool = True,
-                 coalesce_bytes: int | None = None, prefetch: bool = True, spec=None):
+                 coalesce_bytes: int | None = None, prefetch: bool = True, spec=None, direct_io: bool = False):
         if mode not in MODES:
             raise EdgeLLMError(f"unknown streaming mode {mode!r}", f"choose one of: {', '.join(MODES)}")
         if not isinstance(bundle, BundleStore):
@@ -175,16 +213,22 @@ class StreamedStore(WeightStore):
         check_budget(self.budget, self.minimum, spec)
         self.n_layers = len(bundle.layers)
         self.stats = StreamStats(emulated=storage.label if storage else None)
-        self.io = _Reader(bundle.file, self.stats, storage, evict_page_cache)
+        if not isinstance(direct_io, bool):
+            raise EdgeLLMError(f"direct_io={direct_io!r} is not on/off",
+                               f"pass True or False ({DIRECT_FLAG} on the command line)")
+        self.io = _Reader(bundle.file, self.stats, storage, evict_page_cache, direct_io)
+        self.stats.io_mode = self.io_mode
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="edgellm-prefetch") if prefetch else None
         self._pending: dict[tuple, Future] = {}
         self.step = 0
         self._layer_names = {i: [] for i in range(self.n_layers)}
         fixed = []
+        # an untied embedding costs a row per token when streamed: only worth keeping if everything fits
+        self.embed_on_demand = embedding_on_demand(bundle) and self.budget < bundle.stored_bytes()
         for n in bundle.names():
             if n.startswith("blk."):
                 self._layer_names[int(n.split(".")[1])].append(n)
-            else:
+            elif not (n == EMBED and self.embed_on_demand):
                 fixed.append(n)
         if mode == "neuron":
             fixed += [n for i in range(self.n_layers) for n in self._layer_names[i] if n.endswith("norm.weight")]
@@ -223,6 +267,14 @@ class StreamedStore(WeightStore):
         assert self.resident_bytes() <= self.budget, "budget accounting error"
         self.stats.reset()
         self.stats.peak_resident = self.resident_bytes()
+
+    @property
+    def io_mode(self) -> str:
+        """How reads reach the device (printed with the statistics)."""
+        if self.io.direct is not None:
+            return "real, O_DIRECT (page cache bypassed)"
+        why = f"O_DIRECT refused: {self.io.direct_refused}; " if self.io.direct_refused else ""
+        return f"real ({why}page cache evicted)" if self.io.evict else f"real ({why}page cache kept)"
 
     # ---- planning helpers ----
 
@@ -296,8 +348,9 @@ class StreamedStore(WeightStore):
         else:
             parts.append(f"{len(self.resident_layers)}/{self.n_layers} attention blocks and {ffn_total} FFN neurons "
                          f"resident" + (f", window {self.window} tokens" if self.window else ""))
-        if self.stats.emulated:
-            parts.append(self.stats.emulated)
+        if self.embed_on_demand:
+            parts.append("token embedding rows read on demand (untied output matrix)")
+        parts.append(self.stats.emulated or self.io_mode)
         return "; ".join(parts)
 
     # ---- reading ----
@@ -407,7 +460,7 @@ class StreamedStore(WeightStore):
         return block_mins(shared_only.reshape(rows, -1), di.qtype, rows)
 
     def _decode_records(self, layer: int, ids: np.ndarray, rec: np.ndarray) -> dict:
-        """Neuron records -> float gate/up rows, down columns (as rows) and gate/up block minimums."""
+        """Neuron records -> float gate/up rows [k, dim], down columns [rows, k] and gate/up block minimums."""
         gi, ui, di = self._ffn_meta(layer)
         ffn = self.b.ffn_layout(layer)
         k = len(ids)
@@ -419,8 +472,8 @@ class StreamedStore(WeightStore):
         if aff is not None:
             down = affine_down(cols, ids, di.qtype, di.shape[0], *aff)
         else:
-            down = decode_down(cols, ids, self._shared[layer], self.b.down_bits[di.qtype.name], di.qtype,
-                               di.shape[0], di.shape[1])
+            down = np.ascontiguousarray(decode_down(cols, ids, self._shared[layer], self.b.down_bits[di.qtype.name],
+                                                    di.qtype, di.shape[0], di.shape[1]).T)
         return {"gate": g.w, "up": u.w, "down": down, "mins_g": g.mins, "mins_u": u.mins}
 
     # ---- what the backend calls ----
@@ -481,6 +534,23 @@ class StreamedStore(WeightStore):
     def resident(self, name: str) -> Tensor:
         return self._res[name]
 
+    def embed(self, tokens: np.ndarray) -> np.ndarray:
+        """Token embeddings [T, dim]: from the resident matrix, or (untied models) only the tokens' rows, read now."""
+        if not self.embed_on_demand:
+            return self._res[EMBED].w[tokens]
+        info, t = self.b.info(EMBED), self.b._t[EMBED]
+        vocab, row = info.shape[0], info.nbytes // info.shape[0]
+        uniq, inv = np.unique(tokens, return_inverse=True)
+        if uniq.min() < 0 or uniq.max() >= vocab:
+            raise EdgeLLMError(f"token id {int(uniq.max() if uniq.max() >= vocab else uniq.min())} is outside the "
+                               f"vocabulary of {vocab}", "encode the text with this model's tokenizer")
+        raw = np.stack([self._sync(self.io.read, int(t["offset"]) + int(u) * row, row) for u in uniq])
+        return decode(raw, info.qtype, (len(uniq), *info.shape[1:])).w[inv.reshape(-1)]
+
+    def down_mins(self, layer: int) -> np.ndarray | None:
+        """ffn_down's block minimums (resident shared bits), None for types without minimums."""
+        return self._down_mins[layer]
+
     def prefetch_neurons(self, layer: int, ids: np.ndarray) -> None:
         """Start reading the records of those of `ids` that are not resident (a speculative guess)."""
         if self._pool is None:
@@ -490,19 +560,15 @@ class StreamedStore(WeightStore):
         if len(miss):
             self._pending[("neurons", layer)] = self._pool.submit(self._read_covering, layer, miss)
 
-    def neurons(self, layer: int, ids: np.ndarray) -> tuple[np.ndarray, dict]:
-        """Decoded neurons of `layer`: the sorted `ids` plus any neurons the I/O thread already read for it.
-
-        Returns (loaded ids, {gate, up [k, dim], down [dim, k], mins_g, mins_u, mins_d}). Neurons that
-        were prefetched on a guess are returned too: they cost no more I/O, so the FFN computes them.
-        """
+    def _lookup(self, layer: int, ids: np.ndarray):
+        """Sorted `ids` plus any prefetched neurons; their slots, which are resident, which to load, the prefetch."""
         ids = want_ids = np.asarray(ids, dtype=np.int64)
         s = self.slots[layer]
         st = self.stats
         pre = self._take(("neurons", layer))
         if pre is not None:
             ids = np.union1d(ids, pre[0])
-            st.prefetch_wasted += len(ids) - len(np.asarray(want_ids))
+            st.prefetch_wasted += len(ids) - len(want_ids)
         slots = s.slot_of[ids]
         hit = slots >= 0
         s.last_used[slots[hit]] = self.step
@@ -511,11 +577,38 @@ class StreamedStore(WeightStore):
         st.neuron_misses += len(miss)
         st.neurons_needed += len(ids)
         st.neurons_total += len(s.slot_of)
+        return ids, slots, hit, miss, pre
+
+    def _load(self, layer: int, miss: np.ndarray, pre) -> dict:
+        """Decoded records of the non-resident neurons `miss`: from the prefetch where it has them, else read now."""
+        rec = np.empty((len(miss), self.b.neuron_span(layer, 0)[1]), np.uint8)
+        have = np.zeros(len(miss), bool)
+        if pre is not None and len(miss):
+            pids, prec = pre
+            pos = np.minimum(np.searchsorted(pids, miss), len(pids) - 1)
+            have = pids[pos] == miss
+            rec[have] = prec[pos[have]]
+        if (~have).any():
+            rec[~have] = self._sync(self._read_records, layer, miss[~have])
+        return self._decode_records(layer, miss, rec)
+
+    def neurons(self, layer: int, ids: np.ndarray) -> tuple[np.ndarray, dict]:
+        """Decoded neurons of `layer`: the sorted `ids` plus any neurons the I/O thread already read for it.
+
+        Returns (loaded ids, {gate, up [k, dim], down [dim, k], mins_g, mins_u, mins_d}). Neurons that
+        were prefetched on a guess are returned too: they cost no more I/O, so the FFN computes them.
+        """
+        ids, slots, hit, miss, pre = self._lookup(layer, ids)
+        s = self.slots[layer]
         k = len(ids)
         if not len(miss) and k == len(s.ids) and (slots == np.arange(k)).all():
             # the whole layer is resident in id order: compute on the slots themselves, no copies
             return ids, {"gate": s.gate, "up": s.up, "down": s.down, "mins_g": s.mins_g, "mins_u": s.mins_u,
                          "mins_d": self._down_mins[layer]}
+        if not hit.any():                  # nothing resident (small budgets): the decoded records as they are
+            dec = self._load(layer, miss, pre)
+            self.admit(layer, miss, dec)
+            return ids, {**dec, "mins_d": self._down_mins[layer]}
         dim, rows = s.gate.shape[1], s.down.shape[0]
         out = {"gate": np.empty((k, dim), np.float32), "up": np.empty((k, dim), np.float32),
                "down": np.empty((rows, k), np.float32),
@@ -529,36 +622,42 @@ class StreamedStore(WeightStore):
         if s.mins_u is not None:
             out["mins_u"][hit] = s.mins_u[hs]
         if len(miss):
-            rec = np.empty((len(miss), self.b.neuron_span(layer, 0)[1]), np.uint8)
-            have = np.zeros(len(miss), bool)
-            if pre is not None:
-                pids, prec = pre
-                pos = np.minimum(np.searchsorted(pids, miss), len(pids) - 1)
-                have = pids[pos] == miss
-                rec[have] = prec[pos[have]]
-            if (~have).any():
-                rec[~have] = self._sync(self._read_records, layer, miss[~have])
-            dec = self._decode_records(layer, miss, rec)
+            dec = self._load(layer, miss, pre)
             out["gate"][~hit], out["up"][~hit] = dec["gate"], dec["up"]
-            out["down"][:, ~hit] = dec["down"].T
+            out["down"][:, ~hit] = dec["down"]
             if s.mins_g is not None:
                 out["mins_g"][~hit] = dec["mins_g"]
             if s.mins_u is not None:
                 out["mins_u"][~hit] = dec["mins_u"]
-            if self.window > 0:
-                self._admit(s, miss, dec)
+            self.admit(layer, miss, dec)
         out["mins_d"] = self._down_mins[layer]
         return ids, out
 
-    def _admit(self, s: _NeuronSlots, ids: np.ndarray, dec: dict) -> None:
+    def split_neurons(self, layer: int, ids: np.ndarray):
+        """For the hot/cold split: (hot ids, their slots, cold ids, a function decoding the cold records).
+
+        The hot neurons stay in the slots (the device computes on them while the caller has the cold ones
+        read and decoded); the caller then calls `admit` (windowing), once the device is done with the slots.
+        """
+        ids, slots, hit, miss, pre = self._lookup(layer, ids)
+        return ids[hit], slots[hit], miss, lambda: self._load(layer, miss, pre) if len(miss) else None
+
+    def admit(self, layer: int, ids: np.ndarray, dec: dict | None) -> np.ndarray:
+        """Windowing: keep just-read neurons resident (returns the refilled slots; none without a window)."""
+        if self.window <= 0 or dec is None or not len(ids):
+            return np.zeros(0, np.int64)
+        return self._admit(self.slots[layer], ids, dec)
+
+    def _admit(self, s: _NeuronSlots, ids: np.ndarray, dec: dict) -> np.ndarray:
         """Windowing: put just-read neurons into slots no token of the last `window` tokens used (oldest first)."""
         free = np.nonzero(s.last_used <= self.step - self.window)[0]
         if not len(free):
-            return
+            return free
         free = free[np.argsort(s.last_used[free], kind="stable")][:len(ids)]
         take = np.arange(len(free))
-        s.put(free, ids[take], {k: (v[take] if v is not None else None) for k, v in dec.items()})
+        s.put(free, ids[take], {k: None if v is None else v[:, take] if k == "down" else v[take] for k, v in dec.items()})
         s.last_used[free] = self.step
+        return free
 
     def end_forward(self) -> None:
         self.step += 1
@@ -610,13 +709,15 @@ def _affine_bits(qtype: Q) -> list[list[int]]:
 
 
 def affine_down(cols: np.ndarray, ids: np.ndarray, qtype: Q, rows: int, d: np.ndarray, m: np.ndarray | None) -> np.ndarray:
-    """Fast path of decode_down for Q4_0/Q4_1/Q8_0: the gguf formulas applied to one column's quants with the
-    cached block scales d [rows, blocks] (and minimums m): bit-identical to dequantizing the whole matrix."""
+    """Fast path of decode_down for Q4_0/Q4_1/Q8_0, as float32 [rows, k] (ffn_down's own layout): the gguf
+    formulas applied to the columns' quants with the cached block scales d [rows, blocks] (and minimums m):
+    bit-identical to dequantizing the whole matrix. Only the uint8 quants are transposed, not the floats."""
     blk = ids // 32
-    dk = d[:, blk].T                                               # [k, rows]
+    dk = d[:, blk]                                                 # [rows, k]
     if qtype == Q.Q8_0:
-        return np.ascontiguousarray(cols[:, :rows]).view(np.int8).astype(np.float32) * dk
-    q = np.stack([cols & np.uint8(0x0F), cols >> np.uint8(4)], axis=-1).reshape(len(ids), -1)[:, :rows]
+        return np.ascontiguousarray(cols[:, :rows].T).view(np.int8).astype(np.float32) * dk
+    q = np.ascontiguousarray(np.stack([cols & np.uint8(0x0F), cols >> np.uint8(4)], axis=-1)
+                             .reshape(len(ids), -1)[:, :rows].T)
     if qtype == Q.Q4_0:
         return dk * (q.astype(np.int8) - np.int8(8)).astype(np.float32)
-    return dk * q.astype(np.float32) + m[:, blk].T
+    return dk * q.astype(np.float32) + m[:, blk]

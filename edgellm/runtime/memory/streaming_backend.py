@@ -5,6 +5,8 @@ weight resident, or in naive mode, or in neuron mode with every neuron active, t
 bit-identical to `Transformer`. With a predictor, each layer computes only the neurons it predicts
 for the FFN input; the I/O thread reads the next layer's attention block and, while this layer's
 attention computes, the neurons predicted from the layer input (a guess refined at FFN time).
+With a second compute device (devices.py), the resident hot neurons run there and the streamed cold
+ones here, partial outputs summed per layer (equal to the one-device result to float tolerance).
 """
 from __future__ import annotations
 
@@ -12,13 +14,15 @@ import time
 
 import numpy as np
 
+from ...errors import EdgeLLMError
 from ..backend import Backend, _thread_limit
 from ..config import ModelConfig
 from ..kv_cache import KVCache
 from ..model import apply_rope, attention, rms_norm, rope_tables, silu
 from ..act_quant import quantized_matmul
+from .devices import ComputeDevice
 from .neuron_profile import NeuronProfile
-from .sparse_ffn import sparse_ffn
+from .sparse_ffn import down_correction, down_input, ffn_activations, sparse_ffn
 from .streamed_store import StreamedStore, Tensor
 
 
@@ -26,10 +30,18 @@ class StreamingBackend(Backend):
     name = "numpy-streaming"
 
     def __init__(self, cfg: ModelConfig, store: StreamedStore, predictor: NeuronProfile | None = None,
-                 prefetch: bool = True, act_quant: str = "ggml", threads: int | None = None):
+                 prefetch: bool = True, act_quant: str = "ggml", threads: int | None = None,
+                 device: ComputeDevice | None = None):
         self.cfg, self.store, self.predictor = cfg, store, predictor
         self.prefetch, self.act_quant, self.threads = prefetch, act_quant, threads
         self.output_name = "token_embd.weight" if cfg.tied_embeddings else "output.weight"
+        self.device = device
+        if device is not None:
+            if store.mode != "neuron":
+                raise EdgeLLMError(f"the hot/cold device split needs neuron streaming, not {store.mode!r}",
+                                   'pass mode="neuron" (or "sparse") with the split, or turn the split off')
+            for i in range(cfg.n_layers):
+                device.hold(i, store.slots[i], self._ffn_types(i))
 
     @property
     def stats(self):
@@ -73,26 +85,75 @@ class StreamingBackend(Backend):
             return x + self.linear(g, W, p + "ffn_down.weight")
         return x + self.ffn(i, h)
 
+    def _ffn_types(self, i: int) -> tuple:
+        return tuple(self.store.info(f"blk.{i}.{f}.weight").qtype for f in ("ffn_gate", "ffn_up", "ffn_down"))
+
+    @staticmethod
+    def _mask(active, ids: np.ndarray, want: np.ndarray) -> np.ndarray | None:
+        """Per-token activity of loaded neurons `ids` (prefetched-only neurons count as active), None = all."""
+        if active is None:
+            return None
+        mask = active[:, ids] | np.isin(ids, want, invert=True)[None, :]
+        return None if mask.all() else mask
+
+    def _count(self, T: int, ids: np.ndarray, mask) -> int:
+        n = T * len(ids) if mask is None else int(mask.sum())
+        self.store.stats.neurons_computed += n
+        return n
+
     def ffn(self, i: int, h: np.ndarray) -> np.ndarray:
         st, ffn_dim, T = self.store, self.cfg.ffn_dim, h.shape[0]
         active = self.predictor.predict(i, h) if self.predictor is not None else None
         want = np.arange(ffn_dim) if active is None else np.nonzero(active.any(axis=0))[0]
-        ids, n = st.neurons(i, want)            # `want` plus neurons already prefetched on a guess
-        mask = None if active is None else active[:, ids] | np.isin(ids, want, invert=True)[None, :]
-        if mask is not None and mask.all():
-            mask = None
-        st.stats.neurons_computed += T * len(ids) if mask is None else int(mask.sum())
         st.stats.neurons_computed_total += T * ffn_dim
-        qt = tuple(st.info(f"blk.{i}.{f}.weight").qtype for f in ("ffn_gate", "ffn_up", "ffn_down"))
-        return sparse_ffn(h, ids, ffn_dim, n["gate"], n["up"], n["down"], qt, (n["mins_g"], n["mins_u"], n["mins_d"]),
-                          mask, self.act_quant)
+        if self.device is not None:
+            return self.split_ffn(i, h, active, want)
+        ids, n = st.neurons(i, want)            # `want` plus neurons already prefetched on a guess
+        mask = self._mask(active, ids, want)
+        self._count(T, ids, mask)
+        return sparse_ffn(h, ids, ffn_dim, n["gate"], n["up"], n["down"], self._ffn_types(i),
+                          (n["mins_g"], n["mins_u"], n["mins_d"]), mask, self.act_quant)
+
+    def split_ffn(self, i: int, h: np.ndarray, active, want: np.ndarray) -> np.ndarray:
+        """Hot neurons on the device, cold (streamed) ones here; activations merged and rounded once, down summed."""
+        st, dev, T, aq = self.store, self.device, h.shape[0], self.act_quant
+        qt = self._ffn_types(i)
+        hot, hot_slots, cold, load_cold = st.split_neurons(i, want)
+        n_slots = len(st.slots[i].ids)
+        sel = None if len(hot) == n_slots and (hot_slots == np.arange(n_slots)).all() else hot_slots
+        mh, mc = self._mask(active, hot, want), self._mask(active, cold, want)
+        st.stats.device_neurons += self._count(T, hot, mh)
+        self._count(T, cold, mc)
+        fut = dev.activations(i, h, sel, mh, aq) if len(hot) else None
+        dec = load_cold()                      # read + decode the cold neurons while the device computes
+        full = np.zeros((T, self.cfg.ffn_dim), np.float32)
+        if len(cold):
+            full[:, cold] = ffn_activations(h, dec["gate"], dec["up"], qt, (dec["mins_g"], dec["mins_u"]), mc, aq)
+        if fut is not None:
+            full[:, hot] = self._wait(fut)
+        xr, corr = down_input(full, qt[2], aq)
+        fut = dev.down(i, xr[:, hot], sel) if len(hot) else None
+        y = xr[:, cold] @ dec["down"].T if len(cold) else np.zeros((T, self.cfg.dim), np.float32)
+        if fut is not None:
+            y = y + self._wait(fut)
+        y = y + down_correction(corr, st.down_mins(i))
+        changed = st.admit(i, cold, dec)       # after the device is done with this layer's slots
+        if len(changed):
+            dev.refresh(i, changed)
+        return y
+
+    def _wait(self, fut):
+        t = time.perf_counter()
+        r = fut.result()
+        self.store.stats.device_wait_s += time.perf_counter() - t
+        return r
 
     def forward(self, tokens, pos: int, kv: KVCache, all_logits: bool = False) -> np.ndarray:
         st = self.store
         t0, b0 = time.perf_counter(), st.stats.bytes_read
         with _thread_limit(self.threads):
             tokens = np.asarray(tokens, dtype=np.int64)
-            x = st.resident("token_embd.weight").w[tokens]
+            x = st.embed(tokens)
             cos, sin = rope_tables(self.cfg, np.arange(pos, pos + len(tokens)))
             for i in range(self.cfg.n_layers):
                 x = self.block(i, x, pos, kv, cos, sin)
@@ -105,4 +166,6 @@ class StreamingBackend(Backend):
         return out
 
     def close(self) -> None:
+        if self.device is not None:
+            self.device.close()
         self.store.close()
