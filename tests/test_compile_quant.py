@@ -63,15 +63,20 @@ def _logits(backend, ids=IDS):
 
 # --- bundles run on the int backend ----------------------------------------------------------------
 
-@pytest.mark.parametrize("scheme,qc,mode", [
-    ("w8a8", dict(scheme="w8a8", kv_int8=True), "integer"),
-    ("w4a8", dict(scheme="w4a8", group_size=32), "mixed"),
+@pytest.mark.parametrize("scheme,qc,mode,default", [
+    ("w8a8", dict(scheme="w8a8", kv_int8=True), "integer", "tvm-int"),
+    ("w4a8", dict(scheme="w4a8", group_size=32), "mixed", "int"),
 ])
-def test_quantized_bundle_defaults_to_int_backend_with_the_same_arithmetic(tiny, calib, bundles, scheme, qc, mode):
+def test_quantized_bundle_runs_the_same_arithmetic_as_the_int_reference(tiny, calib, bundles, scheme, qc, mode,
+                                                                         default):
     llm = edgellm.LLM(bundles[scheme].bundle, threads=2)
-    assert llm.backend.name == "int" and llm.backend.mode == mode
+    assert llm.backend.name == default          # integer-only bundles with kernels run them by default
+    ref = edgellm.LLM(bundles[scheme].bundle, backend="int", threads=2)
+    assert ref.backend.name == "int" and ref.backend.mode == mode
     direct = IntBackend(_direct(tiny, calib, QuantConfig(calib_tokens=CALIB, **qc)), mode=mode)
-    assert np.array_equal(_logits(llm.backend), _logits(direct))     # same integers, same float32 logits
+    assert np.array_equal(_logits(ref.backend), _logits(direct))      # same integers, same float32 logits
+    if mode == "integer":                                               # the compiled kernels: bit-identical
+        assert np.array_equal(_logits(llm.backend), _logits(direct))
     # --backend numpy still runs the bundle's float weights, as the source model does
     float_llm = edgellm.LLM(bundles[scheme].bundle, backend="numpy", threads=2)
     assert float_llm.backend.name == "numpy"
@@ -99,9 +104,8 @@ def test_manifest_lists_and_describes_the_quantized_model(bundles):
     assert q["model_bytes"] == qm.nbytes() and q["calib_tokens"] == CALIB
     files = {f["path"]: f for f in man["files"]}
     assert files["quant/model.npz"]["sha256"] == sha256_file(b / "quant" / "model.npz")
-    assert "weights.bin" in files and "onnx/decode.onnx" in files
-    assert not any(p.startswith("kernels/") for p in files)
-    assert set(bundles["w4a8"].stage_seconds) == {"import", "quantize", "onnx-quant", "bundle"}
+    assert "weights.bin" in files and "onnx/decode.onnx" in files and "kernels/int.so" in files
+    assert set(bundles["w4a8"].stage_seconds) == {"import", "quantize", "onnx-quant", "tvm-int", "bundle"}
     w8 = json.loads((bundles["w8a8"].bundle / "manifest.json").read_text())["quant"]
     assert w8["integer_only"] is True and w8["kv_int8"] is True and w8["group_size"] is None
 
@@ -113,7 +117,7 @@ def test_cli_generates_greedy_from_the_bundle(bundles, capsys):
                  "the king"]) == 0
     out = capsys.readouterr()
     assert out.out.rstrip("\n") == want
-    assert "backend int" in out.err and "8 generated" in out.err
+    assert "backend tvm-int" in out.err and "8 generated" in out.err
 
 
 def test_inspect_shows_the_quant_section(bundles, tiny, capsys):
@@ -150,7 +154,7 @@ def test_loading_a_quantized_bundle_imports_no_compiler(bundles):
             "llm.logits([1, 2, 3])\n"
             "print(llm.backend.name, ' '.join(m for m in sys.modules if m.startswith('edgellm.compiler')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-    assert out == ["int"]
+    assert out == ["tvm-int"]
 
 
 # --- the report --------------------------------------------------------------------------------------
@@ -190,7 +194,7 @@ def test_format_quant_report_orders_the_worst_layers():
     (["--quant", "w8a8", "--calibration", "no-such.txt"], ["no-such.txt does not exist"], True),
     (["--quant", "w8a8", "--integer-only", "--target", "jetson-orin", "CAL"],
      ["jetson-orin cannot run --integer-only", "float32", "x86-64, rpi4, rpi5"], True),
-    (["--quant", "w8a8", "--backends", "tvm", "CAL"], ["tvm are not built for quantized bundles yet"], True),
+    (["--quant", "w8a16", "--backends", "tvm", "CAL"], ["tvm integer kernels need int8 activations"], True),
     (["--quant", "w4a8", "--backends", "onnxruntime,tvm-relax", "CAL"], ["tvm-relax are not built for quantized"],
      True),
     (["--integer-only"], ["only to integer quantization", "w8a8 or w4a8"], True),

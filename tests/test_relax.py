@@ -17,7 +17,7 @@ import pytest
 
 from test_tvm import (EM_AARCH64, REPO, SPECS, TOL, arm_rootfs, finish_on_arm, rel_err,  # noqa: F401 (fixture)
                       require_tool, require_tvm, start_on_arm)
-from tinymodels import write_tiny_gguf
+from tinymodels import check_forward_errors, write_tiny_gguf
 
 from edgellm.errors import EdgeLLMError
 from edgellm.runtime.backend import NumpyBackend
@@ -99,12 +99,7 @@ def test_wrong_model_wrong_library_and_errors(tiny, tmp_path):
     with pytest.raises(EdgeLLMError, match="does not exist"):
         RelaxBackend(m.config, m.weights, tmp_path / "nope.so")
     be = RelaxBackend(m.config, m.weights, r.path)
-    with pytest.raises(EdgeLLMError, match="new_cache"):
-        be.forward([1], 0, NumpyBackend(m.config, m.weights).new_cache(8))
-    with pytest.raises(EdgeLLMError, match="context full"):
-        be.forward(list(range(9)), 0, be.new_cache(8))
-    with pytest.raises(EdgeLLMError, match="out of range"):
-        be.forward([m.config.vocab_size], 0, be.new_cache(8))
+    check_forward_errors(be, NumpyBackend(m.config, m.weights).new_cache(8), m.config.vocab_size)
 
 
 def test_bundle_runs_with_the_relax_executable(tiny, tmp_path):

@@ -111,3 +111,15 @@ def write_tiny_gguf(path: str | Path, spec: TinySpec = TinySpec()) -> Path:
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def check_forward_errors(backend, foreign_cache, vocab_size: int) -> None:
+    """A compiled backend refuses another backend's KV cache, a full context and out-of-range token ids."""
+    import pytest
+    from edgellm.errors import EdgeLLMError
+    with pytest.raises(EdgeLLMError, match="new_cache"):
+        backend.forward([1], 0, foreign_cache)
+    with pytest.raises(EdgeLLMError, match="context full"):
+        backend.forward(list(range(9)), 0, backend.new_cache(8))
+    with pytest.raises(EdgeLLMError, match="out of range"):
+        backend.forward([vocab_size], 0, backend.new_cache(8))

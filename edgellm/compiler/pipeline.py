@@ -23,7 +23,7 @@ from ..runtime.loader import load_model
 
 ALL_BACKENDS = ("onnxruntime", "tvm", "tvm-relax")
 INTEGER_SCHEMES = tuple(q for q in QUANT_SCHEMES if q != "gguf-native")
-QUANT_BACKENDS: tuple[str, ...] = ("onnxruntime",)   # compiled backends built for integer schemes (QUANTIZED STAGES)
+QUANT_BACKENDS: tuple[str, ...] = ("onnxruntime", "tvm")   # compiled backends built for integer schemes (QUANTIZED STAGES)
 
 
 @dataclass
@@ -84,7 +84,7 @@ def _calibration_files(calibration) -> tuple[list[Path], int]:
 def _check_backends(backends, qc: QuantConfig | None) -> tuple[str, ...]:
     """The compiled backends to build: unknown ones refused; an integer scheme builds only QUANT_BACKENDS."""
     if backends is None:
-        return ALL_BACKENDS if qc is None else QUANT_BACKENDS
+        return ALL_BACKENDS if qc is None else tuple(b for b in QUANT_BACKENDS if b != "tvm" or qc.a_bits == 8)
     backends = tuple(backends)
     unknown = set(backends) - set(ALL_BACKENDS)
     if unknown:
@@ -96,6 +96,9 @@ def _check_backends(backends, qc: QuantConfig | None) -> tuple[str, ...]:
                            f"graph and TVM kernels are float; --quant {qc.scheme} bundles run on the int backend)",
                            f"drop --backends (or pass --backends \"\"), or compile with --quant gguf-native "
                            f"for {','.join(float_only)}")
+    if qc is not None and qc.a_bits != 8 and "tvm" in backends:
+        raise EdgeLLMError(f"TVM integer kernels need int8 activations, and {qc.scheme} keeps them float",
+                           "use --quant w8a8 or w4a8 for --backends tvm, or --backends onnxruntime for weight-only")
     return backends
 
 
@@ -156,6 +159,15 @@ def compile_model(model: str | os.PathLike, target: str = "x86-64", out: str | o
                 export_quant_onnx(qm, scratch / ONNX_DIR / "decode.onnx")
                 extra[ONNX_DIR] = scratch / ONNX_DIR
                 stage("onnx-quant")
+            if "tvm" in backends and qc.a_bits == 8:
+                from ..runtime.tvm_int_backend import INT_LIBRARY
+                from .tvm_int import build_int_kernels
+                # integer-only kernels (int8 matmuls, integer norm/softmax/SiLU/RoPE), bit-identical to intref
+                built = build_int_kernels(qm, t.tvm_target, scratch / INT_LIBRARY)
+                extra[INT_LIBRARY] = built.path
+                if report:
+                    res.report.append(f"tvm integer kernels for {t.name}: {len(built.names)} functions")
+                stage("tvm-int")
         float_backends = backends if qc is None else ()
         if "onnxruntime" in float_backends:
             from .onnx_export import build_onnx, save_onnx

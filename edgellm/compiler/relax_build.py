@@ -20,7 +20,7 @@ from pathlib import Path
 from ..runtime.config import ModelConfig
 from ..runtime.relax_backend import relax_signature, weight_params
 from . import tvm_build
-from .tvm_build import cross_compiler, resolve_target
+from .tvm_build import cross_compiler, export_atomic, resolve_target
 
 
 @dataclass
@@ -228,13 +228,7 @@ def build_relax(cfg: ModelConfig, target: str | dict, out_path: str | os.PathLik
     ex = tvm.compile(mod, target=tvm.target.Target(target))
     t3 = time.perf_counter()
     s["compile"] = t3 - t2
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + ".tmp.so")
-    try:
-        ex.export_library(str(tmp), **({"cc": cc} if cc else {}))
-        os.replace(tmp, out_path)           # never a half-written library at out_path
-    finally:
-        tmp.unlink(missing_ok=True)
+    export_atomic(ex, out_path, cc)
     s["export"] = time.perf_counter() - t3
     s["total"] = time.perf_counter() - t0
     per_token = sum(kernel_calls(mod["decode"]).values())

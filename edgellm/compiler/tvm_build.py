@@ -43,6 +43,17 @@ def resolve_target(target: str | dict | targets.Target) -> dict:
     return dict(targets.get_target(target).tvm_target)
 
 
+def export_atomic(lib, out_path: Path, cc: str | None) -> None:
+    """Export a compiled TVM module to out_path via a temp file, so a half-written library never appears."""
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(out_path.name + ".tmp.so")
+    try:
+        lib.export_library(str(tmp), **({"cc": cc} if cc else {}))
+        os.replace(tmp, out_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def cross_compiler(target: dict) -> str | None:
     """The C compiler that links a library for TVM target `target`; None when the host's own will do."""
     triple = str(target.get("mtriple", ""))
@@ -245,16 +256,7 @@ def build_kernels_report(cfg: ModelConfig, target: str | dict, out_path: str | o
     t0 = time.perf_counter()
     mod = build_module(cfg)
     lib = tvm.compile(mod, target=tvm.target.Target(target))
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + ".tmp.so")
-    try:
-        if cc:
-            lib.export_library(str(tmp), cc=cc)
-        else:
-            lib.export_library(str(tmp))
-        os.replace(tmp, out_path)           # never a half-written library at out_path
-    finally:
-        tmp.unlink(missing_ok=True)
+    export_atomic(lib, out_path, cc)
     names = sorted(str(gv.name_hint) for gv in mod.get_global_vars())
     return BuildResult(out_path, names, time.perf_counter() - t0, dict(target))
 
@@ -289,13 +291,7 @@ def build_cuda_kernels(cfg: ModelConfig, out_path: str | os.PathLike, arch: str 
         raise EdgeLLMError(f"this TVM build cannot generate CUDA {arch} kernels: {str(e).strip()[:500]}",
                            "build the CPU kernels only (they run on the device's CPU cores), or install a "
                            "CUDA-enabled apache-tvm with the CUDA toolkit") from None
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + ".tmp.so")
-    try:
-        lib.export_library(str(tmp), **({"cc": cc} if cc else {}))
-        os.replace(tmp, out_path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    export_atomic(lib, out_path, cc)
     out_path.with_suffix(".cu").write_text(source)
     names = sorted(str(gv.name_hint) for gv in mod.get_global_vars())
     return BuildResult(out_path, names, time.perf_counter() - t0, {"kind": "cuda", "arch": arch, "host": host})

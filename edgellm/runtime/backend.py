@@ -76,8 +76,11 @@ def _needs_bundle(name: str, model, artifact: str) -> Path:
 
 
 def _tvm(model, threads):
-    """The whole-model Relax executable when the bundle has one (one VM call per token), else per-op kernels."""
+    """The whole-model Relax executable when the bundle has one (one VM call per token), else per-op kernels;
+    on a quantized bundle with integer kernels, those."""
     from .relax_backend import RELAX_LIBRARY
+    if model.format == "bundle" and (Path(model.path) / "kernels" / "int.so").exists():
+        return _tvm_int(model, threads)
     if model.format == "bundle" and (Path(model.path) / RELAX_LIBRARY).exists():
         return _tvm_relax(model, threads)
     from .tvm_backend import TvmBackend   # lazy: imports the TVM runtime
@@ -95,28 +98,46 @@ def _onnxruntime(model, threads):
     return OnnxRuntimeBackend(model.config, _needs_bundle("onnxruntime", model, ONNX_DIR), threads)
 
 
-def _int(model, threads):
-    """The bundle's quantized model on the integer reference: integer-only if compiled so, else mixed mode."""
+def _quant_of(name: str, model) -> dict:
+    """The bundle's manifest "quant" section, or an error naming `edgellm compile --quant`."""
     from .bundle import bundle_quant
-    from .int_backend import IntBackend   # lazy: int_backend imports this module
     q = bundle_quant(model)
     if q is None:
         what = "a bundle without a quantized model" if model.format == "bundle" else f"a {model.format} model"
-        raise EdgeLLMError(f"backend 'int' runs a quantized bundle, and {model.path} is {what}",
+        raise EdgeLLMError(f"backend {name!r} runs a quantized bundle, and {model.path} is {what}",
                            f"compile it with an integer scheme: edgellm compile {model.path} --quant w8a8 "
                            "--calibration TEXT -o BUNDLE_DIR (or run it with --backend numpy)")
+    return q
+
+
+def _int(model, threads):
+    """The bundle's quantized model on the integer reference: integer-only if compiled so, else mixed mode."""
+    from .int_backend import IntBackend   # lazy: int_backend imports this module
+    q = _quant_of("int", model)
     return IntBackend(Path(model.path) / q["file"], mode="integer" if q.get("integer_only") else "mixed",
                       threads=threads)
 
 
+def _tvm_int(model, threads):
+    """Compiled integer-only kernels (bit-identical to the `int` backend in integer mode)."""
+    from .tvm_int_backend import INT_LIBRARY, TvmIntBackend   # lazy: imports the TVM runtime
+    q = _quant_of("tvm-int", model)
+    return TvmIntBackend(Path(model.path) / q["file"], _needs_bundle("tvm-int", model, INT_LIBRARY), threads)
+
+
 BACKENDS = {"numpy": lambda model, threads: NumpyBackend(model.config, model.weights, threads),
-            "tvm": _tvm, "tvm-relax": _tvm_relax, "onnxruntime": _onnxruntime, "int": _int}
+            "tvm": _tvm, "tvm-relax": _tvm_relax, "onnxruntime": _onnxruntime, "int": _int, "tvm-int": _tvm_int}
 
 
 def default_backend(model) -> str:
-    """"int" for a bundle compiled with an integer --quant scheme, "numpy" for everything else."""
+    """For a bundle compiled with an integer --quant scheme: "tvm-int" when it is integer-only and has the
+    compiled integer kernels, else "int"; "numpy" for everything else."""
     from .bundle import bundle_quant
-    return "int" if bundle_quant(model) is not None else "numpy"
+    q = bundle_quant(model)
+    if q is None:
+        return "numpy"
+    fast = q.get("integer_only") and (Path(model.path) / "kernels" / "int.so").exists()
+    return "tvm-int" if fast else "int"
 
 
 def make_backend(name: str | None, model, threads: int | None) -> Backend:

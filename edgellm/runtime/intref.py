@@ -7,6 +7,11 @@ Two modes over the same quantized weights (a `QuantizedModel` made by `edgellm.c
   with dyadic multipliers m * 2^-s; RMSNorm uses an integer Newton square root, softmax and SiLU use I-BERT's
   integer exponential, RoPE uses Q15 sin/cos tables, and the residual stream is int32 with 2^-F scale chosen
   by calibration. Only the returned logits are converted to float, at the API boundary.
+  Linear inputs are int8 per token (act="dynamic"), or int8 with a calibrated per-tensor scale (act="static":
+  one compile-time dyadic multiplier from the fixed-point input format, saturating to [-127, 127]).
+
+Mixed precision (QuantConfig.max_bpw): a 4-bit model may keep some linears in int8 per output channel; such a
+linear carries `name.bits` = 8 in the tensors dict and every consumer here reads its width from there.
 
 Integer matmuls are computed exactly: every product and partial sum is an integer below 2^53, so float64 BLAS
 returns the same integers as an int64 loop (checked at prepare time, and by tests against plain int64 matmul).
@@ -52,6 +57,10 @@ class QuantConfig:
     clip_search: bool = True          # per-channel (per-group) weight clipping search
     prob_bits: int = 16               # integer softmax output bits (8: uint8 probabilities)
     calib_tokens: int = 2048
+    max_bpw: float | None = None      # w4 only: promote the most sensitive linears to int8 within this budget
+    q_bits: int = 8                   # integer-only queries: int8, or int16 (int16 x int8 QK^T; q is not cached)
+    v_bits: int = 8                   # integer-only V cache: int8, or int16 (as compact as llama.cpp's f16 cache)
+    gptq: bool = False                # w4 only: GPTQ rounding (error compensation with the calibration Hessian)
 
     def __post_init__(self):
         s = str(self.scheme).lower()
@@ -80,6 +89,20 @@ class QuantConfig:
             raise EdgeLLMError(f"unknown activation mode {self.act!r}", "choose act='dynamic' or act='static'")
         if self.prob_bits not in (8, 16):
             raise EdgeLLMError(f"prob_bits={self.prob_bits} is not supported", "choose 8 or 16")
+        for k in ("q_bits", "v_bits"):
+            if getattr(self, k) not in (8, 16):
+                raise EdgeLLMError(f"{k}={getattr(self, k)} is not supported", "choose 8 or 16")
+        if self.gptq and self.w_bits != 4:
+            raise EdgeLLMError(f"gptq applies to 4-bit weights; {s} rounds int8 weights per channel",
+                               "drop gptq, or use w4a8 / w4a16")
+        if self.max_bpw is not None:
+            if self.w_bits != 4:
+                raise EdgeLLMError(f"max_bpw applies to 4-bit schemes; {s} is already 8 bits everywhere",
+                                   "drop max_bpw, or use w4a8 / w4a16 with a bits-per-weight budget")
+            if not self.max_bpw >= self.base_bpw:
+                raise EdgeLLMError(f"max_bpw={self.max_bpw} is below {self.base_bpw:g}, the bits per weight of "
+                                   f"{self.label} with every matrix at 4 bits",
+                                   f"pass max_bpw >= {self.base_bpw:g} (or a larger group size)")
 
     @property
     def w_bits(self) -> int:
@@ -90,10 +113,19 @@ class QuantConfig:
         return SCHEMES[self.scheme][1]
 
     @property
+    def base_bpw(self) -> float:
+        """Bits per weight with every matrix in the scheme's own format (w4: codes + fp16 scale + zero)."""
+        if self.w_bits == 8:
+            return 8.0
+        zero = 0 if self.symmetric else (4 if self.zero == "int" else 16)
+        return 4.0 + (16 + zero) / self.group_size
+
+    @property
     def label(self) -> str:
         asym = "" if self.symmetric else ("-asym" if self.zero == "int" else "-fmin")
         g = f"-g{self.group_size}{asym}" if self.w_bits == 4 else ""
-        return self.scheme + g
+        mp = f"-mp{self.max_bpw:g}" if self.max_bpw is not None else ""
+        return self.scheme + g + ("-gptq" if self.gptq else "") + mp
 
 
 # --- weight formats ------------------------------------------------------------------------------
@@ -111,9 +143,24 @@ def unpack_int4(p: np.ndarray) -> np.ndarray:
     return out
 
 
+def linear_bits(t: dict, name: str, qc: QuantConfig) -> int:
+    """Bit width of one stored linear: its own `name.bits` (mixed precision) or the scheme's."""
+    b = t.get(name + ".bits")
+    return qc.w_bits if b is None else int(b)
+
+
+def linear_shape(t: dict, name: str, qc: QuantConfig) -> tuple[int, int]:
+    """[out, in] of a stored linear (int4 codes are packed two per byte)."""
+    r, c = t[name + ".q"].shape
+    return r, c * (2 if linear_bits(t, name, qc) == 4 else 1)
+
+
 def weight_codes(t: dict, name: str, qc: QuantConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """(integer codes q [out, in] int16, scales, zero points or None) of a stored linear weight."""
-    if qc.w_bits == 8:
+    """(integer codes q [out, in] int16, scales, zero points or None) of a stored linear weight.
+
+    A linear with `name.bits` == 8 in a 4-bit model (mixed precision) is int8 per output channel (fp32 scale).
+    """
+    if linear_bits(t, name, qc) == 8:
         return t[name + ".q"].astype(np.int16), t[name + ".scale"], None
     u = unpack_int4(t[name + ".q"]).astype(np.int16)
     if qc.symmetric:
@@ -125,7 +172,7 @@ def weight_codes(t: dict, name: str, qc: QuantConfig) -> tuple[np.ndarray, np.nd
 
 def dequantize_linear(t: dict, name: str, qc: QuantConfig) -> np.ndarray:
     q, s, z = weight_codes(t, name, qc)
-    if qc.w_bits == 8:
+    if linear_bits(t, name, qc) == 8:
         return (q * s[:, None]).astype(np.float32)
     g = qc.group_size
     qg = q.reshape(q.shape[0], -1, g).astype(np.float32)
@@ -161,26 +208,23 @@ class QuantizedModel:
     def linear_names(self) -> list[str]:
         return [f"blk.{i}.{n}.weight" for i in range(self.config.n_layers) for n in LINEARS]
 
+    def linear_bytes(self) -> dict[str, int]:
+        """Stored bytes of each block linear in its own format (per-tensor bits honoured)."""
+        t, qc = self.tensors, self.qconfig
+        return {n: linear_nbytes(linear_shape(t, n, qc), qc, linear_bits(t, n, qc)) for n in self.linear_names()}
+
     def block_bits_per_weight(self) -> float:
         """Bits per weight over the transformer blocks' matrices, scales and zero points included."""
-        n = b = 0
-        for name in self.linear_names():
-            shape = self.tensors[name + ".q"].shape
-            shape = (shape[0], shape[1] * (2 if self.qconfig.w_bits == 4 else 1))
-            n += shape[0] * shape[1]
-            b += linear_nbytes(shape, self.qconfig)
-        return 8.0 * b / n
+        n = sum(math.prod(linear_shape(self.tensors, k, self.qconfig)) for k in self.linear_names())
+        return 8.0 * sum(self.linear_bytes().values()) / n
 
     def nbytes(self) -> int:
         """Bytes of the whole model as stored (int8 embedding/head, float norm vectors, calibration constants)."""
-        total = 0
+        lin = self.linear_bytes()
+        total = sum(lin.values())
         for k, a in self.tensors.items():
-            w4 = self.qconfig.w_bits == 4 and k.startswith("blk.")
-            if w4 and k.endswith(".q"):
-                total += linear_nbytes((a.shape[0], a.shape[1] * 2), self.qconfig)
-            elif w4 and k.endswith((".scale", ".zero", ".min")):
-                continue   # counted with their codes
-            else:
+            base, _, suffix = k.rpartition(".")
+            if not (base in lin and suffix in ("q", "scale", "zero", "min")):     # linears counted above
                 total += a.nbytes
         return total
 
@@ -282,12 +326,13 @@ def requant(acc: np.ndarray, m: np.ndarray, s: np.ndarray, pre: int = 0) -> np.n
     return rshift_round(a * m, s - pre)
 
 
-def quant_dynamic(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-row int8 quantization of integers z: q = round(127 z / amax). Returns (q int8, amax int64 [rows, 1])."""
+def quant_dynamic(z: np.ndarray, qmax: int = 127) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row quantization of integers z: q = round(qmax z / amax). Returns (q int8 (int16 if qmax > 127),
+    amax int64 [rows, 1])."""
     z = np.asarray(z, dtype=np.int64)
     amax = np.abs(z).max(axis=-1, keepdims=True)
-    q = round_div(127 * z, np.maximum(amax, 1))
-    return q.astype(np.int8), amax
+    q = round_div(qmax * z, np.maximum(amax, 1))
+    return q.astype(np.int8 if qmax <= 127 else np.int16), amax
 
 
 def int_matmul(a: np.ndarray, bt: np.ndarray, bound: float | None = None) -> np.ndarray:
@@ -393,6 +438,18 @@ def _fp16_parts(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 # --- integer linear layers -----------------------------------------------------------------------
 
 @dataclass
+class StaticConsts:
+    """Static int8 input: q8 = clip(round(clip(z, +-cap) * m_in * 2^-s_in), +-127); out = round(acc * m * 2^-s)."""
+
+    m: np.ndarray
+    s: np.ndarray
+    pre: int
+    m_in: int
+    s_in: int
+    cap: int
+
+
+@dataclass
 class IntLinear:
     """An integer weight matrix w [out, in] (held as exact float64 for BLAS) and its per-row real scale."""
 
@@ -403,7 +460,7 @@ class IntLinear:
     @classmethod
     def build(cls, t: dict, name: str, qc: QuantConfig, max_shift: int = 20) -> "IntLinear":
         q, s, z = weight_codes(t, name, qc)
-        if qc.w_bits == 8:
+        if linear_bits(t, name, qc) == 8:
             w, row = q.astype(np.float64), s.astype(np.float64)
         else:
             # fp16 group scale = mant * 2^e exactly; expand (q - z) * mant << (e - e_row_min) to one int matrix
@@ -439,8 +496,22 @@ class IntLinear:
         pre = max(0, self.acc_bits + 16 - 31)
         return m, s, pre
 
+    def static_constants(self, in_scale: float, out_f: int, act_scale: float) -> "StaticConsts":
+        """Compile-time constants of the calibrated per-tensor int8 input scale `act_scale` (real per unit)."""
+        m_in, s_in = dyadic(in_scale / act_scale, 16)
+        cap = int(math.ceil(127.5 * act_scale / in_scale))     # |z| beyond cap saturates to +-127 anyway
+        if cap * int(m_in) >= 2 ** 62:
+            raise EdgeLLMError("static activation scale too far from the input format", "re-quantize the model")
+        m, s = dyadic(self.row_scale * act_scale * 2.0 ** out_f, 31)
+        return StaticConsts(m, s, max(0, self.acc_bits - 31), int(m_in), int(s_in), cap)
+
     def __call__(self, z: np.ndarray, consts) -> np.ndarray:
-        """z: integer activations [T, in]; per-token int8 quantization, integer matmul, dyadic requant."""
+        """z: integer activations [T, in]; int8 quantization (per token, or static), integer matmul, requant."""
+        if isinstance(consts, StaticConsts):
+            c = consts
+            q = np.clip(rshift_round(np.clip(z, -c.cap, c.cap) * c.m_in, c.s_in), -127, 127).astype(np.int8)
+            acc = _t("acc", int_matmul(_t("act8", q), self.w, bound=2.0 ** self.acc_bits))
+            return _t("requant", requant(acc, c.m, c.s, c.pre))
         m, s, pre = consts
         q, amax = quant_dynamic(z)
         sa = np.maximum(bitlen(amax) - 16, 0)                 # keep amax to 16 significant bits
@@ -455,11 +526,11 @@ class IntLinear:
 class IntKVCache(KVCache):
     """int8 keys with per-(token, head) integer amax, int8 values with static per-channel scales."""
 
-    def __init__(self, cfg: ModelConfig, n_ctx: int):
+    def __init__(self, cfg: ModelConfig, n_ctx: int, v_dtype=np.int8):
         self.n_ctx = n_ctx
         shape = (cfg.n_layers, n_ctx, cfg.n_kv_heads, cfg.head_dim)
         self.k = np.zeros(shape, dtype=np.int8)
-        self.v = np.zeros(shape, dtype=np.int8)
+        self.v = np.zeros(shape, dtype=v_dtype)
         self.kamax = np.zeros(shape[:3], dtype=np.int64)
         self.length = 0
 
@@ -514,7 +585,9 @@ class IntTransformer:
         self._ready = True
 
     def new_cache(self, n_ctx: int):
-        return IntKVCache(self.cfg, n_ctx) if self.mode == "integer" else KVCache(self.cfg, n_ctx)
+        if self.mode == "integer":
+            return IntKVCache(self.cfg, n_ctx, np.int8 if self.qc.v_bits == 8 else np.int16)
+        return KVCache(self.cfg, n_ctx)
 
     def forward(self, tokens, pos: int, kv, all_logits: bool = False) -> np.ndarray:
         self.prepare()
@@ -562,6 +635,7 @@ class IntTransformer:
         c, t, qc = self.cfg, self.qm.tensors, self.qc
         F = lambda k: int(t[k])
         self.f_res = F("int.F_res")
+        self.v_max = (1 << (qc.v_bits - 1)) - 1
         e_m, e_s = dyadic(self.emb_s.astype(np.float64) * 2.0 ** self.f_res, 31)
         self.emb_m, self.emb_sh = e_m, e_s
         self.eps_q = int(round(c.norm_eps * 2.0 ** (2 * self.f_res)))
@@ -573,14 +647,19 @@ class IntTransformer:
             fq, fk, fv, fg, fu, fh = (F(p + "int.F_" + n) for n in ("q", "k", "v", "gate", "up", "h"))
             io = {n: linear_io(t, i, n) for n in LINEARS}
             vs = t[p + "int.v_scale"].astype(np.float64)                    # real per channel of one v8 unit
-            vm, vsh = dyadic(2.0 ** -fv / vs, 31)                            # v_fx -> v8
+            vs = vs * 127.0 / self.v_max                                     # ... or of one v16 unit
+            vm, vsh = dyadic(2.0 ** -fv / vs, 31)                            # v_fx -> v8 (v16)
             # attention output channel (h, d) = sum_j p_ij v8_jd; real = acc * v_scale / (2^bits - 1)
             vs_q = np.tile(vs.reshape(c.n_kv_heads, 1, c.head_dim), (1, c.n_rep, 1)).reshape(-1)
             om, osh = dyadic(vs_q / ((1 << qc.prob_bits) - 1) * 2.0 ** ATTN_F, 20)
-            sc_m, sc_s = dyadic(2.0 ** SCORE_F / (127.0 * 127.0 * 2.0 ** (fq + fk) * math.sqrt(c.head_dim)), 15)
+            q_max = (1 << (qc.q_bits - 1)) - 1
+            sc_m, sc_s = dyadic(2.0 ** SCORE_F / (q_max * 127.0 * 2.0 ** (fq + fk) * math.sqrt(c.head_dim)), 15)
+            if qc.act == "static":
+                consts = {n: L[n].static_constants(*io[n], float(t[p + n + ".weight.act_scale"])) for n in LINEARS}
+            else:
+                consts = {n: L[n].constants(*io[n]) for n in LINEARS}
             L.update(g1=g1, g2=g2, fq=fq, fk=fk, fv=fv, fg=fg, fu=fu, fh=fh, vm=vm, vsh=vsh, om=om, osh=osh,
-                     sc=(int(sc_m), int(sc_s)), shift_h=fg + fu - fh,
-                     **{"c_" + n: L[n].constants(*io[n]) for n in LINEARS})
+                     sc=(int(sc_m), int(sc_s)), shift_h=fg + fu - fh, **{"c_" + n: consts[n] for n in LINEARS})
             self.layers.append(L)
         self.g_out, gbo = norm_gamma(t["output_norm.weight"])
         self.head = head
@@ -614,9 +693,10 @@ class IntTransformer:
             v = L["attn_v"](h, L["c_attn_v"]).reshape(T, c.n_kv_heads, c.head_dim)
             q = _t("rope_q", int_rope(q, cos, sin, c.rope_neox, c.rope_dim))
             k = _t("rope_k", int_rope(k, cos, sin, c.rope_neox, c.rope_dim))
-            q8, qa = quant_dynamic(q)
+            q8, qa = quant_dynamic(q, (1 << (self.qc.q_bits - 1)) - 1)
             k8, ka = quant_dynamic(k)
-            v8 = np.clip(requant(v.reshape(T, -1), L["vm"], L["vsh"]), -127, 127).astype(np.int8)
+            v8 = np.clip(requant(v.reshape(T, -1), L["vm"], L["vsh"]), -self.v_max, self.v_max)
+            v8 = v8.astype(np.int8 if self.v_max == 127 else np.int16)
             keys, kamax, values = kv.update_int(i, pos, k8, ka[..., 0], v8.reshape(T, c.n_kv_heads, c.head_dim))
             a = self._int_attention(q8, qa[..., 0], keys, kamax, values, pos, L)
             x = np.clip(x + L["attn_output"](a, L["c_attn_output"]), -lim, lim)
@@ -637,18 +717,19 @@ class IntTransformer:
         kvh, rep, d = c.n_kv_heads, c.n_rep, c.head_dim
         qg = q8.reshape(T, kvh, rep, d).transpose(1, 2, 0, 3).astype(np.float64)       # [KVH, rep, T, d]
         kt = k8.transpose(1, 2, 0).astype(np.float64)                                  # [KVH, d, S]
-        acc = _t("qk", (qg @ kt[:, None]).astype(np.int64))                            # exact: < 2^21
+        acc = _t("qk", (qg @ kt[:, None]).astype(np.int64))             # exact: < 2^21 (2^28 with int16 q)
         qa_g = qa.reshape(T, kvh, rep).transpose(1, 2, 0)[..., None]                   # [KVH, rep, T, 1]
         ka_g = ka.transpose(1, 0)[:, None, None, :]                                     # [KVH, 1, 1, S]
         m, s = L["sc"]
         sq = np.maximum(bitlen(qa_g) - 16, 0)                                          # amax to 16 bits
         sk = np.maximum(bitlen(ka_g) - 16, 0)
-        t1 = rshift_round(acc * rshift_round(qa_g, sq), 8) * rshift_round(ka_g, sk)    # < 2^(20+16-8+16)
-        scores = _t("scores", rshift_round(t1 * m, s - 8 - sq - sk))                   # t1 * m < 2^59
+        pre = self.qc.q_bits                                                           # 8, or 16 for int16 q
+        t1 = rshift_round(acc * rshift_round(qa_g, sq), pre) * rshift_round(ka_g, sk)  # < 2^(20+16-8+16)
+        scores = _t("scores", rshift_round(t1 * m, s - pre - sq - sk))                 # t1 * m < 2^59
         mask = None
         if T > 1 or S > pos + T:
             mask = np.arange(S)[None, :] > (pos + np.arange(T))[:, None]
         p = _t("probs", int_softmax(scores, SCORE_F, self.qc.prob_bits, mask))
         out = (p.astype(np.float64) @ v8.transpose(1, 0, 2)[:, None].astype(np.float64)).astype(np.int64)
         out = _t("pv", out.transpose(2, 0, 1, 3).reshape(T, -1))                         # < 2^16 * 127 * S
-        return _t("attn", requant(out, L["om"], L["osh"]))
+        return _t("attn", requant(out, L["om"], L["osh"], 0 if self.v_max == 127 else 8))   # v16: out * om < 2^63

@@ -69,8 +69,9 @@ class ChannelStats:
     mean_abs: np.ndarray | None = None
     n: int = 0
     sample: list = field(default_factory=list)
+    xtx: np.ndarray | None = None          # sum of x^T x over all tokens (GPTQ's Hessian), when asked for
 
-    def add(self, x: np.ndarray, rows: np.ndarray) -> None:
+    def add(self, x: np.ndarray, rows: np.ndarray, hessian: bool = False) -> None:
         a = np.abs(x).max(axis=0)
         self.amax = a if self.amax is None else np.maximum(self.amax, a)
         s, m = (x.astype(np.float64) ** 2).sum(axis=0), np.abs(x).sum(axis=0, dtype=np.float64)
@@ -78,6 +79,9 @@ class ChannelStats:
         self.mean_abs = m if self.mean_abs is None else self.mean_abs + m
         self.n += len(x)
         self.sample.append(x[rows])
+        if hessian:
+            xx = x.T.astype(np.float64) @ x
+            self.xtx = xx if self.xtx is None else self.xtx + xx
 
     def finish(self) -> None:
         self.sq, self.mean_abs = self.sq / self.n, self.mean_abs / self.n
@@ -96,8 +100,9 @@ class CalibStats:
 
 
 def collect(cfg: ModelConfig, W: dict[str, np.ndarray], chunks: list[list[int]], sample_per_chunk: int = 128,
-            seed: int = 0) -> CalibStats:
-    """Float forward over the chunks, recording linear-group inputs and the ranges the integer path needs."""
+            seed: int = 0, hessian: bool = False) -> CalibStats:
+    """Float forward over the chunks, recording linear-group inputs and the ranges the integer path needs
+    (and each group input's x^T x over all tokens when `hessian`, for GPTQ)."""
     rng = np.random.default_rng(seed)
     layers = [{g: ChannelStats() for g in GROUPS} for _ in range(cfg.n_layers)]
     ranges = [dict(q=0.0, k=0.0, v=np.zeros(cfg.n_kv_heads * cfg.head_dim), gate=0.0, up=0.0,
@@ -114,7 +119,7 @@ def collect(cfg: ModelConfig, W: dict[str, np.ndarray], chunks: list[list[int]],
             p, L, R = f"blk.{i}.", layers[i], ranges[i]
             st.res_max = max(st.res_max, float(np.abs(x).max()))
             h = rms_norm(x, W[p + "attn_norm.weight"], cfg.norm_eps)
-            L["qkv"].add(h, rows)
+            L["qkv"].add(h, rows, hessian)
             q = h @ W[p + "attn_q.weight"].T
             k = h @ W[p + "attn_k.weight"].T
             v = h @ W[p + "attn_v.weight"].T
@@ -126,17 +131,17 @@ def collect(cfg: ModelConfig, W: dict[str, np.ndarray], chunks: list[list[int]],
             k = apply_rope(k.reshape(T, cfg.n_kv_heads, -1), cos, sin, cfg.rope_neox, cfg.rope_dim)
             keys, values = kv.update(i, 0, k, v.reshape(T, cfg.n_kv_heads, -1))
             a = attention(q, keys, values, 0, cfg.n_rep)
-            L["o"].add(a, rows)
+            L["o"].add(a, rows, hessian)
             x = x + a @ W[p + "attn_output.weight"].T
             st.res_max = max(st.res_max, float(np.abs(x).max()))
             h = rms_norm(x, W[p + "ffn_norm.weight"], cfg.norm_eps)
-            L["gate_up"].add(h, rows)
+            L["gate_up"].add(h, rows, hessian)
             g, u = h @ W[p + "ffn_gate.weight"].T, h @ W[p + "ffn_up.weight"].T
             R["gate"], R["up"] = max(R["gate"], float(np.abs(g).max())), max(R["up"], float(np.abs(u).max()))
             R["up_ch"] = np.maximum(R["up_ch"], np.abs(u).max(axis=0))
             hd = silu(g) * u
             R["hprod"] = np.maximum(R["hprod"], np.abs(hd).max(axis=0))
-            L["down"].add(hd, rows)
+            L["down"].add(hd, rows, hessian)
             x = x + hd @ W[p + "ffn_down.weight"].T
         st.res_max = max(st.res_max, float(np.abs(x).max()))
         logits = rms_norm(x, W["output_norm.weight"], cfg.norm_eps) @ head.T

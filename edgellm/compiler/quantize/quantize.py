@@ -5,9 +5,12 @@ SmoothQuant / AWQ per-channel scales (folded into the preceding RMSNorm weight, 
 the float model is unchanged) -> per row/group clipping search weighted by E[x^2] -> int codes + scales ->
 fixed-point formats for the integer-only path (residual, q/k/v, gate/up, SiLU*up, logits; int8 V scales)
 and the dyadic requant multipliers of every integer linear (the numbers an integer kernel consumes).
+Options: GPTQ rounding of int4 weights (with each group input's x^T x), and mixed precision under a
+bits-per-weight budget (`promote`: the linears whose int4 error costs most move to int8 per channel).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 import time
@@ -16,10 +19,11 @@ import numpy as np
 
 from ...errors import EdgeLLMError, UnsupportedModelError
 from ...runtime.config import ModelConfig
-from ...runtime.intref import LINEARS, IntLinear, QuantConfig, QuantizedModel, linear_io
+from ...runtime.intref import (LINEARS, IntLinear, QuantConfig, QuantizedModel, dequantize_linear, fake_quant_tokens,
+                               linear_io, linear_nbytes, linear_shape)
 from ...runtime.weights import WeightStore
 from .calibrate import GROUPS, _kv_expand, collect, qk_scales, search_scales
-from .schemes import clip_search, fake_quant_weight, quantize_weight
+from .schemes import clip_search, gptq_weight, quantize_weight
 
 __all__ = ["QuantConfig", "QuantizedModel", "quantize_model", "float_weights"]
 
@@ -50,11 +54,13 @@ def quantize_model(cfg: ModelConfig, store: WeightStore | dict, qc: QuantConfig,
     n_tok = sum(len(c) for c in chunks)
     if n_tok < qc.calib_tokens // 2 or n_tok < 256:
         raise EdgeLLMError(f"only {n_tok} calibration tokens", f"pass at least {max(256, qc.calib_tokens // 2)}")
-    st = collect(cfg, W, chunks)
+    st = collect(cfg, W, chunks, hessian=qc.gptq)
     log = (lambda *a: print(*a, file=sys.stderr)) if progress else (lambda *a: None)
     log(f"calibrated on {st.tokens} tokens in {time.perf_counter() - t0:.1f}s")
     T: dict[str, np.ndarray] = {}
     report = {"scheme": qc.label, "layers": [], "calib_tokens": st.tokens}
+    q8 = _int8_config(qc) if qc.max_bpw is not None else None
+    alt: dict[str, tuple] = {}        # mixed precision: name -> (int8 arrays, int8 error, int4 error)
     for i in range(cfg.n_layers):
         p, L, R = f"blk.{i}.", st.layers[i], st.ranges[i]
         w = {n: W[p + n + ".weight"].copy() for n in LINEARS}
@@ -96,16 +102,17 @@ def quantize_model(cfg: ModelConfig, store: WeightStore | dict, qc: QuantConfig,
             stats, full = L[gname], fulls[gname]
             imp = stats.sq / full ** 2
             X = stats.sample / full
+            xtx = None if stats.xtx is None else stats.xtx / np.outer(full, full)      # Hessian of X / s
             for m in members:
-                clip, gain = clip_search(w[m], qc, imp) if qc.clip_search else (1.0, 1.0)
-                for k, a in quantize_weight(w[m], qc, clip).items():
-                    T[f"{p}{m}.weight.{k}"] = a
                 act_max = float((stats.amax / full).max())
                 T[f"{p}{m}.weight.act_scale"] = np.float32(act_max / 127.0)
-                err = _err_clipped(X, w[m], W[p + m + ".weight"], stats.sample, qc, clip,
-                                   act_max / 127.0 if qc.act == "static" else None)
+                a_scale = act_max / 127.0 if qc.act == "static" else None
+                arrays, err, clip = _quantize_linear(w[m], X, qc, imp, a_scale, xtx)
+                T.update({f"{p}{m}.weight.{k}": a for k, a in arrays.items()})
+                if q8 is not None:
+                    alt[f"{p}{m}.weight"] = _quantize_linear(w[m], X, q8, imp, a_scale)[:2] + (err,)
                 report["layers"].append({"name": f"{p}{m}", "scales": choices[gname], "rel_err": err,
-                                         "clip": float(np.mean(clip)), "act_max": act_max})
+                                         "clip": float(np.mean(clip)), "act_max": act_max, "bits": qc.w_bits})
         T[p + "attn_norm.weight"] = norms["qkv"].astype(np.float32)
         T[p + "ffn_norm.weight"] = norms["gate_up"].astype(np.float32)
         T[p + "int.F_q"] = np.int32(_frac_bits(q_max * 1.5, 24))     # RoPE can grow a pair by sqrt(2)
@@ -126,6 +133,8 @@ def quantize_model(cfg: ModelConfig, store: WeightStore | dict, qc: QuantConfig,
     T["int.F_res"] = np.int32(_frac_bits(st.res_max, 30))
     T["int.F_logit"] = np.int32(_frac_bits(st.logit_max, 30))
     qm = QuantizedModel(cfg, qc, T, report)
+    if q8 is not None:
+        promote(qm, alt)
     if qc.a_bits == 8:
         add_requant_constants(qm)
     report["seconds"] = time.perf_counter() - t0
@@ -133,13 +142,65 @@ def quantize_model(cfg: ModelConfig, store: WeightStore | dict, qc: QuantConfig,
     return qm
 
 
-def _err_clipped(Xs, Wq_src, W, X, qc, clip, act_scale):
-    """Relative output error of the final quantized linear vs the original float one, on the sample."""
-    from ...runtime.intref import fake_quant_tokens
-    Y = Xs @ Wq_src.T          # the migrated float linear: same as X @ W.T up to the folded row scales
+def _int8_config(qc: QuantConfig) -> QuantConfig:
+    """The int8 per-channel format a promoted linear of a 4-bit scheme takes (same activations)."""
+    return dataclasses.replace(qc, scheme="w8a" + str(qc.a_bits), group_size=None, symmetric=True, max_bpw=None,
+                               gptq=False)
+
+
+def _quantize_linear(w, X, qc, imp, act_scale, xtx=None) -> tuple[dict, float, np.ndarray]:
+    """(stored arrays, relative output error on the calibration sample, clip ratios) of one migrated linear:
+    round to nearest after the clipping search, or GPTQ when asked for and the Hessian is there."""
+    clip, _ = clip_search(w, qc, imp) if qc.clip_search else (1.0, 1.0)
+    if qc.gptq and qc.w_bits == 4 and xtx is not None:
+        arrays = gptq_weight(w, qc, xtx, clip)
+    else:
+        arrays = quantize_weight(w, qc, clip)
+    deq = dequantize_linear({"w." + k: a for k, a in arrays.items()}, "w", qc)
+    return arrays, _output_error(X, w, deq, qc, act_scale), np.asarray(clip)
+
+
+def _output_error(Xs, W, Wq, qc, act_scale):
+    """Relative output error of the quantized linear Wq vs the migrated float one W, on the sample."""
+    Y = Xs @ W.T               # the migrated float linear: same as X @ W.T up to the folded row scales
     A = fake_quant_tokens(Xs, act_scale) if qc.a_bits == 8 else Xs
-    Yq = A @ fake_quant_weight(Wq_src, qc, clip).T
-    return float(np.linalg.norm(Yq - Y) / max(np.linalg.norm(Y), 1e-30))
+    return float(np.linalg.norm(A @ Wq.T - Y) / max(np.linalg.norm(Y), 1e-30))
+
+
+def promote(qm: QuantizedModel, alt: dict[str, tuple[dict, float, float]]) -> list[str]:
+    """Mixed precision under qm.qconfig.max_bpw: greedily move linears from int4 to int8 per channel.
+
+    Sensitivity of a linear = the drop in squared relative output error on the calibration sample
+    (err4^2 - err8^2) per extra stored byte; the largest go first while the blocks' bits per weight (scales
+    and zero points included) stay within the budget, as llama.cpp's Q4_K_M keeps sensitive tensors wider.
+    `alt[name] = (int8 arrays, err8, err4)`. Writes `name.bits` = 8 for each promoted linear.
+    """
+    t, qc = qm.tensors, qm.qconfig
+    nbytes = qm.linear_bytes()
+    n_weights = sum(math.prod(linear_shape(t, n, qc)) for n in nbytes)
+    budget = qc.max_bpw * n_weights / 8.0 - sum(nbytes.values())
+    gains = []
+    for n, (_, e8, e4) in alt.items():
+        extra = linear_nbytes(linear_shape(t, n, qc), qc, 8) - nbytes[n]
+        gains.append(((e4 ** 2 - e8 ** 2) / extra, n, extra))
+    chosen = []
+    for g, n, extra in sorted(gains, reverse=True):
+        if g <= 0 or extra > budget:
+            continue
+        budget -= extra
+        for k in ("q", "scale", "zero", "min"):
+            t.pop(f"{n}.{k}", None)
+        arrays = alt[n][0]
+        t.update({f"{n}.{k}": a for k, a in arrays.items()})
+        t[n + ".bits"] = np.int8(8)
+        chosen.append(n)
+    for r in qm.report["layers"]:
+        n = r["name"] + ".weight"
+        r.update(rel_err_w4=alt[n][2], rel_err_w8=alt[n][1])
+        if n in chosen:
+            r.update(bits=8, rel_err=alt[n][1])
+    qm.report["promoted"] = chosen
+    return chosen
 
 
 def add_requant_constants(qm: QuantizedModel) -> None:
@@ -147,6 +208,8 @@ def add_requant_constants(qm: QuantizedModel) -> None:
 
     The integer runtime derives the same numbers at load; an integer kernel compiler (TVM, ONNX
     MatMulInteger + requant) reads them from here: out = round(acc * amax_token * m * 2^-s).
+    Static-activation models (act="static") also get the static path's constants (intref.StaticConsts):
+    `.srq_in_m/.srq_in_s/.srq_cap` (input -> int8 with the calibrated scale) and `.srq_m/.srq_s` (acc -> out).
     """
     t, cfg = qm.tensors, qm.config
     for i in range(cfg.n_layers):
@@ -156,3 +219,8 @@ def add_requant_constants(qm: QuantizedModel) -> None:
             m, s, pre = L.constants(*linear_io(t, i, n))
             t[name + ".row_scale"] = L.row_scale.astype(np.float32)
             t[name + ".rq_m"], t[name + ".rq_s"] = m.astype(np.int32), s.astype(np.int8)
+            if qm.qconfig.act == "static":
+                c = L.static_constants(*linear_io(t, i, n), float(t[name + ".act_scale"]))
+                t[name + ".srq_m"], t[name + ".srq_s"] = c.m.astype(np.int32), c.s.astype(np.int16)
+                t[name + ".srq_in_m"], t[name + ".srq_in_s"] = np.int32(c.m_in), np.int16(c.s_in)
+                t[name + ".srq_cap"] = np.int64(c.cap)

@@ -62,17 +62,78 @@ def _w4(w: np.ndarray, g: int, symmetric: bool, clip, zero: str = "int"):
     return q.astype(np.int16).reshape(rows, cols), d, z[..., 0].astype(np.uint8)
 
 
+def _w4_stored(q: np.ndarray, d: np.ndarray, z, qc: QuantConfig) -> dict[str, np.ndarray]:
+    out = {"q": pack_int4(q), "scale": d}
+    if z is not None:
+        out["min" if qc.zero == "fp16" else "zero"] = z
+    return out
+
+
 def quantize_weight(w: np.ndarray, qc: QuantConfig, clip=1.0) -> dict[str, np.ndarray]:
     """float [out, in] -> stored arrays {"q", "scale"[, "zero"]} (int4 codes packed two per byte)."""
     w = np.asarray(w, dtype=np.float32)
     if qc.w_bits == 8:
         q, d = _w8(w, clip)
         return {"q": q, "scale": d}
-    q, d, z = _w4(w, qc.group_size, qc.symmetric, clip, qc.zero)
-    out = {"q": pack_int4(q), "scale": d}
-    if z is not None:
-        out["min" if qc.zero == "fp16" else "zero"] = z
-    return out
+    return _w4_stored(*_w4(w, qc.group_size, qc.symmetric, clip, qc.zero), qc)
+
+
+def _w4_column(w: np.ndarray, d: np.ndarray, z, qc: QuantConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(codes, dequantized values) of one column with its group's parameters (the formulas of _w4)."""
+    df = d.astype(np.float32)
+    safe = np.where(df == 0, np.float32(1), df)
+    if qc.symmetric:
+        q = np.clip(np.rint(w / safe), -8, 7)
+        return q + 8, q * df
+    if qc.zero == "fp16":
+        m = z.astype(np.float32)
+        q = np.clip(np.rint((w - m) / safe), 0, 15)
+        return q, q * df + m
+    q = np.clip(np.rint(w / safe) + z, 0, 15)
+    return q, (q - z) * df
+
+
+def gptq_weight(w: np.ndarray, qc: QuantConfig, xtx: np.ndarray, clip=1.0, block: int = 128,
+                damp: float = 0.01) -> dict[str, np.ndarray]:
+    """GPTQ (Frantar et al. 2022) for int4 groups: quantize column by column, each rounding error spread over
+    the not yet quantized columns through the inverse Hessian of the layer input (xtx = sum x^T x), so the
+    output error on the calibration inputs, not the weight error, is minimised. Group scales/zeros come from
+    the error-updated weights when their group starts (clip ratios per group as from clip_search).
+    Returns the stored arrays of quantize_weight."""
+    W = np.array(w, dtype=np.float64)
+    rows, cols = W.shape
+    g = qc.group_size
+    H = np.array(xtx, dtype=np.float64)
+    dead = np.diag(H) <= 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    H[np.diag_indices(cols)] += damp * float(np.mean(np.diag(H)))
+    U = np.linalg.cholesky(np.linalg.inv(H)).T              # upper: H^-1 = U^T U
+    clip = np.broadcast_to(np.asarray(clip, dtype=np.float32), (rows, cols // g))
+    codes = np.zeros((rows, cols), dtype=np.int16)
+    d = np.zeros((rows, cols // g), dtype=np.float16)
+    z = None
+    block = max(g, block // g * g)
+    for b0 in range(0, cols, block):
+        b1 = min(b0 + block, cols)
+        W1, E1 = W[:, b0:b1].copy(), np.zeros((rows, b1 - b0))
+        for i in range(b1 - b0):
+            c = b0 + i
+            if c % g == 0:                                   # this group's parameters from the updated weights
+                _, dg, zg = _w4(W1[:, i:i + g].astype(np.float32), g, qc.symmetric, clip[:, c // g:c // g + 1],
+                                qc.zero)
+                d[:, c // g] = dg[:, 0]
+                if zg is not None:
+                    z = np.zeros((rows, cols // g), dtype=zg.dtype) if z is None else z
+                    z[:, c // g] = zg[:, 0]
+            gz = None if z is None else z[:, c // g]
+            q, deq = _w4_column(W1[:, i].astype(np.float32), d[:, c // g], gz, qc)
+            codes[:, c] = q
+            err = (W1[:, i] - deq) / U[c, c]
+            W1[:, i:] -= np.outer(err, U[c, c:b1])
+            E1[:, i] = err
+        W[:, b1:] -= E1 @ U[b0:b1, b1:]
+    return _w4_stored(codes, d, z, qc)
 
 
 def fake_quant_weight(w: np.ndarray, qc: QuantConfig, clip=1.0) -> np.ndarray:

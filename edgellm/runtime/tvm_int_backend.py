@@ -1,0 +1,522 @@
+"""Backend "tvm-int": the integer-only forward of a QuantizedModel through TVM kernels (edgellm.compiler.tvm_int).
+
+Bit-identical to IntBackend(qm, "integer"): the kernels compute intref's integer ops exactly, and the
+calibrated constants (dyadic multipliers, shifts, integer gammas, Q15 RoPE tables) are taken from intref's own
+prepare step, so the two can only differ if a kernel does. Every activation, the int8 KV cache and the weights
+(int8 codes, or packed int4 codes with per-group integer multipliers) live in preallocated 64-byte-aligned
+arrays wrapped once as TVM tensors; numpy only writes the new k / v rows into the cache. Logits become float
+only at the API boundary, as in intref, and only for the last position unless all are asked for.
+
+Decode speed (issue #5) comes from the fast path: the int8 matmuls of edgellm.compiler.tvm_int_matmul (the
+target's int8 dot-product instructions, requant fused), q|k|v and gate|up each one matmul over concatenated
+rows, and the small ops fused around them, so a layer is 9 kernel calls. Schemes those kernels do not cover
+(static activations, asymmetric w4) run the generic one-kernel-per-op path. Needs only the TVM runtime, never
+edgellm.compiler.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import EdgeLLMError
+from .backend import Backend
+from .config import ModelConfig
+from .intref import (LINEARS, SCORE_F, IntKVCache, IntTransformer, QuantConfig, QuantizedModel, StaticConsts,
+                     _fp16_parts, exp_consts, linear_bits, rope_q15)
+from .tvm_backend import Buffer, TvmBackend, TvmKVCache, _runtime, aligned_empty
+
+INT_LIBRARY = "kernels/int.so"     # where a bundle keeps the integer kernels
+INT_KERNEL_ABI = 2                 # bump when a kernel's arguments or semantics change
+
+
+def linear_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    """(out, in) of each block linear."""
+    qd, kvd = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    return {"attn_q": (qd, cfg.dim), "attn_k": (kvd, cfg.dim), "attn_v": (kvd, cfg.dim),
+            "attn_output": (cfg.dim, qd), "ffn_gate": (cfg.ffn_dim, cfg.dim), "ffn_up": (cfg.ffn_dim, cfg.dim),
+            "ffn_down": (cfg.dim, cfg.ffn_dim)}
+
+
+def int_kernel_signature(cfg: ModelConfig, qc: QuantConfig) -> str:
+    """Hash of every config field baked into the integer kernels (calibration constants are arguments)."""
+    fields = (cfg.n_layers, cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim, cfg.vocab_size,
+              cfg.rope_dim, bool(cfg.rope_neox), qc.scheme, qc.group_size, qc.symmetric, qc.zero, qc.prob_bits,
+              qc.q_bits, qc.act, qc.max_bpw is not None, INT_KERNEL_ABI)
+    return hashlib.sha256(repr(fields).encode()).hexdigest()[:16]
+
+
+FUSED = {"qkv": ("attn_q", "attn_k", "attn_v"), "o": ("attn_output",), "gu": ("ffn_gate", "ffn_up"),
+         "down": ("ffn_down",)}       # linears sharing an input: one matmul over their concatenated rows
+MAX_SHIFT = 20                         # as IntLinear.build: group scales of one row span at most 2^20
+
+
+def fast_path(cfg: ModelConfig, qc: QuantConfig) -> bool:
+    """Whether the fused decode kernels apply: per-token int8 inputs, w8 or symmetric w4 weights (the fast
+    matmul's formats) and input widths that are multiples of 32 (its SIMD steps); other models and schemes
+    run the generic one-kernel-per-op path."""
+    widths = (cfg.dim, cfg.n_heads * cfg.head_dim, cfg.ffn_dim)
+    return qc.act == "dynamic" and (qc.w_bits == 8 or qc.symmetric) and all(k % 32 == 0 for k in widths)
+
+
+def matmul_shapes(cfg: ModelConfig, qc: QuantConfig) -> set[tuple[int, int, int]]:
+    """(rows, cols, bits) of every fast matmul: each fused group at each width a linear may have, its
+    members alone too when widths can differ (mixed precision), and the int8 head."""
+    shapes = linear_shapes(cfg)
+    kinds = {4: (4,) if qc.max_bpw is None else (4, 8), 8: (8,)}[qc.w_bits]
+    out = {(cfg.vocab_size, cfg.dim, 8)}
+    for members in FUSED.values():
+        out |= {(sum(shapes[n][0] for n in members), shapes[members[0]][1], b) for b in kinds}
+        if len(kinds) > 1:
+            out |= {(*shapes[n], b) for n in members for b in kinds}
+    return out
+
+
+def int_kernel_names(cfg: ModelConfig, qc: QuantConfig) -> dict:
+    """The contract between edgellm.compiler.tvm_int and this backend: which library function does what.
+
+    Fast path (fast_path(cfg, qc)): "mm" maps (rows, cols, bits, T) -> name, T = 1 (decode) or None (any T);
+    fused kernels "norm_quant" (RMSNorm + int8), "res_norm_quant" (residual add + RMSNorm + int8),
+    "qkv_post" (RoPE + int8 q / k, v to the cache scale), "attention_q8" (attention + int8),
+    "silu_quant" (SiLU * up + int8). Generic path: "linear" maps (N, K, "w8" | "w4") -> name (the head is
+    w8; mixed-precision w4 schemes also get w8 blocks); "quant" maps (groups, width, qmax) -> name;
+    "static_quant" maps width -> name (act="static" only). Every kernel takes T rows (T symbolic unless
+    named); attention and RoPE take the context length from their tables.
+    """
+    qd, kvd = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    base = {"signature": f"edgellm_int_kernels_{int_kernel_signature(cfg, qc)}", "embed": "int_embed",
+            "attention": "int_attention"}
+    if fast_path(cfg, qc):
+        mm = {(r, c, b, T): f"int_mm_w{b}_{r}x{c}{'_t1' if T else ''}" for r, c, b in matmul_shapes(cfg, qc)
+              for T in (1, None)}
+        return {**base, "fast": True, "mm": dict(sorted(mm.items(), key=lambda kv: kv[1])),
+                "norm_quant": f"int_norm_quant_{cfg.dim}", "res_norm_quant": f"int_res_norm_quant_{cfg.dim}",
+                "qkv_post": f"int_qkv_post_{qd}_{kvd}", "attention_q8": "int_attention_q8",
+                "silu_quant": f"int_silu_quant_{cfg.ffn_dim}"}
+    kinds = {4: ("w4",) if qc.max_bpw is None else ("w4", "w8"), 8: ("w8",)}[qc.w_bits]
+    linear = {(n, k, kind) for n, k in linear_shapes(cfg).values() for kind in kinds} | {(cfg.vocab_size, cfg.dim, "w8")}
+    widths = {cfg.dim, qd, cfg.ffn_dim}
+    quant = {(1, k, 127) for k in widths} | {(cfg.n_heads, cfg.head_dim, (1 << (qc.q_bits - 1)) - 1),
+                                             (cfg.n_kv_heads, cfg.head_dim, 127)}
+    return {**base, "fast": False, "norm": f"int_norm_{cfg.dim}",
+            "quant": {s: f"int_quant{'' if s[2] == 127 else 16}_{s[0]}x{s[1]}" for s in sorted(quant)},
+            "static_quant": {k: f"int_static_quant_{k}" for k in sorted(widths)} if qc.act == "static" else {},
+            "linear": {s: f"int_linear_{s[2]}_{s[0]}x{s[1]}" for s in sorted(linear)},
+            "rope_q": f"int_rope_{cfg.n_heads}x{cfg.head_dim}", "rope_k": f"int_rope_{cfg.n_kv_heads}x{cfg.head_dim}_k",
+            "vquant": f"int_vquant_{kvd}", "silu_mul": f"int_silu_mul_{cfg.ffn_dim}",
+            "residual": f"int_residual_{cfg.dim}"}
+
+
+def w4_group_terms(t: dict, name: str, qc: QuantConfig) -> list[np.ndarray]:
+    """[zero int8, mant int16, shift int8 (, min mant int16, min shift int8)], each [N, K/g], of an int4 linear.
+
+    The group-factored form of IntLinear.build's expansion: w[n, k in group j] = (u - z) * (mant << shift)
+    (+ (min_mant << min_shift) for fp16 group minima), shifts relative to the row's smallest live exponent,
+    so the kernel keeps 4-bit codes and 3-5 bytes per group instead of an expanded matrix."""
+    mant, e = _fp16_parts(t[name + ".scale"])
+    fmin = not qc.symmetric and qc.zero == "fp16"
+    big = np.iinfo(np.int64).max
+    e_live = np.where(mant != 0, e, big)
+    if fmin:
+        mm, em = _fp16_parts(t[name + ".min"])
+        e_live = np.minimum(e_live, np.where(mm != 0, em, big))
+    base = np.minimum(e_live.min(axis=1, keepdims=True), e.max(axis=1, keepdims=True))
+    parts = lambda mt, ex: [mt.astype(np.int16), np.where(mt != 0, np.maximum(ex - base, 0), 0).astype(np.int8)]  # noqa: E731
+    if qc.symmetric:
+        z = np.full(mant.shape, 8, np.int8)
+    else:
+        z = np.zeros(mant.shape, np.int8) if fmin else t[name + ".zero"].astype(np.int8)
+    return [z, *parts(mant, e), *(parts(mm, em) if fmin else [])]
+
+
+def linear_weights(t: dict, name: str, qc: QuantConfig) -> list[np.ndarray]:
+    """The weight arguments of a block linear's kernel: int8 codes, or packed int4 codes and group terms
+    (a linear's own `name.bits` wins over the scheme's: mixed precision)."""
+    return [t[name + ".q"]] + (w4_group_terms(t, name, qc) if linear_bits(t, name, qc) == 4 else [])
+
+
+def matmul_weights(t: dict, name: str, qc: QuantConfig) -> tuple[np.ndarray, ...]:
+    """The fast matmul's weight arrays of a stored linear (edgellm.compiler.tvm_int_matmul): (w8,) or (wq, scale).
+
+    An int8 `.q` (w8 linears, and the int8 head / embedding of every scheme) gives (w8,). w4 keeps the packed
+    codes and splits each fp16 group scale exactly as IntLinear.build does: mant * 2^e, shifted left by
+    e - (the row's smallest exponent of a non-zero scale); scale = mant << shift, an integer below 2^31 held
+    exactly as float64."""
+    q = t[name + ".q"]
+    if q.dtype == np.int8:
+        return (np.ascontiguousarray(q),)
+    if not qc.symmetric:
+        raise EdgeLLMError(f"{name}: the integer matmul kernels take symmetric w4 weights only",
+                           "quantize with symmetric groups (drop --asym) for the compiled integer path")
+    z, mant, sh = w4_group_terms(t, name, qc)
+    if int(sh.max(initial=0)) > MAX_SHIFT:
+        raise EdgeLLMError(f"{name}: group scales span more than 2^{MAX_SHIFT}", "re-quantize the model")
+    return (np.ascontiguousarray(q, dtype=np.uint8), np.ldexp(mant.astype(np.float64), sh.astype(np.int64)))
+
+
+def int_buffer(shape_or_array, dtype=None) -> Buffer:
+    """A Buffer (aligned numpy + TVM tensor, same memory) of any dtype, zeroed or holding a copy of an array."""
+    b = Buffer.__new__(Buffer)
+    if isinstance(shape_or_array, np.ndarray):
+        b.np = aligned_empty(shape_or_array.shape, dtype or shape_or_array.dtype)
+        b.np[...] = shape_or_array
+    else:
+        b.np = aligned_empty(shape_or_array, dtype)
+        b.np[...] = 0
+    b.t = _runtime().from_dlpack(b.np)
+    b._rows = {}
+    return b
+
+
+class TvmIntKVCache(IntKVCache, TvmKVCache):
+    """intref's int8 KV cache (its update_int) in aligned memory the attention kernel reads in place."""
+
+    def __init__(self, cfg: ModelConfig, n_ctx: int):
+        self.n_ctx = n_ctx
+        shape = (cfg.n_layers, n_ctx, cfg.n_kv_heads, cfg.head_dim)
+        self._b = [int_buffer(shape, np.int8), int_buffer(shape[:3], np.int64), int_buffer(shape, np.int8)]
+        self.k, self.kamax, self.v = (b.np for b in self._b)
+        self.tk, self.tka, self.tv = (b.t for b in self._b)
+        self.length = 0
+
+
+class TvmIntBackend(TvmBackend):
+    """Runs IntTransformer's integer-only forward with a compiled integer kernel library.
+
+    Forward, chunking (prompts in chunks of up to `chunk` tokens), call validation, kernel lookup and the
+    thread policy (`threads`, as llama.cpp's -t) are TvmBackend's; prepare, the cache and a chunk's pass are
+    integer. On the fast path a layer is 9 kernel calls (see _run_fast); `profile=True` times every call
+    (self.profile: name -> [calls, seconds])."""
+
+    name = "tvm-int"
+
+    def __init__(self, qmodel: QuantizedModel | str | Path, library: str | os.PathLike, threads: int | None = None,
+                 chunk: int = 32, profile: bool = False):
+        if not isinstance(qmodel, QuantizedModel):
+            qmodel = QuantizedModel.load(qmodel)
+        self.qmodel, self.qc = qmodel, qmodel.qconfig
+        self.ref = IntTransformer(qmodel, "integer")      # refuses weight-only schemes with a clear error
+        self.profile = {} if profile else None
+        super().__init__(qmodel.config, None, library, threads, chunk)
+
+    def _fn(self, name: str):
+        fn = super()._fn(name)
+        return fn if self.profile is None else self._timed(name, fn)
+
+    def _timed(self, name: str, fn):
+        import time
+        stat = self.profile.setdefault(name, [0, 0.0])
+
+        def timed(*args):
+            t0 = time.perf_counter()
+            fn(*args)
+            stat[0] += 1
+            stat[1] += time.perf_counter() - t0
+        return timed
+
+    @staticmethod
+    def _linear(fn, weights: list[np.ndarray], consts) -> dict:
+        """One integer linear: its kernel, weight arrays, per-row multipliers and shifts, pre-shift, and for a
+        static int8 input its (cap, m_in, s_in)."""
+        static = isinstance(consts, StaticConsts)
+        m, s, pre = (consts.m, consts.s, consts.pre) if static else consts
+        keep = [int_buffer(np.ascontiguousarray(a)) for a in weights]
+        return {"fn": fn, "w": [b.t for b in keep], "m": int_buffer(np.asarray(m, np.int64).reshape(-1)).t,
+                "s": int_buffer(np.asarray(s, np.int64).reshape(-1)).t, "pre": int(pre), "_keep": keep,
+                "static": (int(consts.cap), int(consts.m_in), int(consts.s_in)) if static else None}
+
+    def prepare(self) -> None:
+        """Take intref's calibrated constants, lay the weights out for the kernels, allocate activations."""
+        if self._ready:
+            return
+        self._set_threads(_runtime())
+        c, qc, t = self.cfg, self.qc, self.qmodel.tensors
+        names = int_kernel_names(c, qc)
+        try:
+            self.lib[names["signature"]]
+        except Exception:  # noqa: BLE001
+            raise EdgeLLMError(f"kernel library {self.library} was not compiled for this model and scheme "
+                               f"(no {names['signature']})", "recompile: edgellm.compiler.tvm_int.build_int_kernels")
+        ref = self.ref
+        ref.prepare()
+        self.f_logit = int(t["int.F_logit"])
+        self.emb = {"table": int_buffer(ref.emb_q).t, "m": int_buffer(ref.emb_m.astype(np.int64)).t,
+                    "sh": int_buffer(ref.emb_sh.astype(np.int64)).t}
+        self.eps_q = int(ref.eps_q)
+        self.q_max = (1 << (qc.q_bits - 1)) - 1
+        self.g_out = int_buffer(ref.g_out.astype(np.int64)).t
+        self.fast = names["fast"]
+        self.layers = []
+        for i, L in enumerate(ref.layers):
+            fg = int(L["fg"])
+            fe = min(fg, SCORE_F)
+            q_ln2, q_b, q_c, one = exp_consts(fe)
+            self.layers.append({
+                "g1": int_buffer(L["g1"].astype(np.int64)).t, "g2": int_buffer(L["g2"].astype(np.int64)).t,
+                "vm": int_buffer(L["vm"].astype(np.int64)).t, "vsh": int_buffer(L["vsh"].astype(np.int64)).t,
+                "om": int_buffer(L["om"].astype(np.int64)).t, "osh": int_buffer(L["osh"].astype(np.int64)).t,
+                "sc": tuple(int(v) for v in L["sc"]), "silu": (fg - fe, q_ln2, q_b, q_c, one, int(L["shift_h"]))})
+        (self._prepare_fast if self.fast else self._prepare_generic)(names, ref)
+        self.ref = None                                     # frees intref's expanded float64 weights
+        self._views: dict[int, dict] = {}
+        self._rope_n = 0
+        self._ready = True
+
+    def _acts(self, spec: dict) -> None:
+        """Activation buffers: name -> (rows (None: the chunk), width (None: one dimension), dtype)."""
+        R = self.chunk
+        self.acts = {n: int_buffer((R if rows is None else rows,) + (() if w is None else (w,)), dt)
+                     for n, (rows, w, dt) in spec.items()}
+
+    def _prepare_generic(self, names: dict, ref) -> None:
+        """One kernel per intref op (static activations, asymmetric w4): the linear kernels of tvm_int."""
+        c, qc, t = self.cfg, self.qc, self.qmodel.tensors
+        k = {key: self._fn(names[key]) for key in ("embed", "norm", "rope_q", "rope_k", "vquant", "attention",
+                                                   "silu_mul", "residual")}
+        k["quant"] = {s: self._fn(n) for s, n in names["quant"].items()}
+        k["static_quant"] = {s: self._fn(n) for s, n in names["static_quant"].items()}
+        lin = {s: self._fn(n) for s, n in names["linear"].items()}
+
+        def kernel(name: str, shape: tuple[int, int]):
+            key = (*shape, f"w{linear_bits(t, name, qc)}")
+            if key not in lin:
+                raise EdgeLLMError(f"{name} is {key[2]} but the quantization config has no such linears",
+                                   "re-quantize the model (mixed precision is set by max_bpw)")
+            return lin[key]
+        self.k = k
+        shapes = linear_shapes(c)
+        for i, (L, layer) in enumerate(zip(ref.layers, self.layers)):
+            p = f"blk.{i}."
+            layer.update({n: self._linear(kernel(p + n + ".weight", shapes[n]), linear_weights(t, p + n + ".weight", qc),
+                                          L["c_" + n]) for n in LINEARS})
+        self.head = self._linear(lin[(c.vocab_size, c.dim, "w8")], [t.get("output.q", t["token_embd.q"])],
+                                 ref.c_head)
+        qd, kvd, D, Fd = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.dim, c.ffn_dim
+        i64, i8 = np.int64, np.int8
+        self._acts({"tok": (None, None, i64), "x": (None, D, i64), "x2": (None, D, i64), "h": (None, D, i64),
+                    "o": (None, D, i64), "q": (None, qd, i64), "qr": (None, qd, i64), "k": (None, kvd, i64),
+                    "kr": (None, kvd, i64), "v": (None, kvd, i64), "a": (None, qd, i64), "g": (None, Fd, i64),
+                    "u": (None, Fd, i64), "hh": (None, Fd, i64),
+                    "q8": (None, qd, i8 if qc.q_bits == 8 else np.int16), "qa": (None, c.n_heads, i64),
+                    "k8": (None, kvd, i8), "ka": (None, c.n_kv_heads, i64), "v8": (None, kvd, i8),
+                    "amax": (None, 1, i64), "ones": (None, 1, i64), "last": (1, D, i64),
+                    "logits": (None, c.vocab_size, i64)})
+        self.acts["ones"].np[:] = 1                                       # amax of static int8 inputs
+        self.lin8 = {K: int_buffer((self.chunk, K), i8) for K in {D, qd, Fd}}   # int8 inputs of the linears
+
+    def _matmuls(self, mm: dict, names: list[str], consts: list, bits: list[int]) -> dict:
+        """The fast matmul call(s) of linears sharing an input: one over their concatenated rows when their
+        widths agree (requant constants are per row, so this is exact), else one each (mixed precision)."""
+        t, qc = self.qmodel.tensors, self.qc
+        parts = [(names, consts, bits[0])] if len(set(bits)) == 1 else \
+            [([n], [cs], b) for n, cs, b in zip(names, consts, bits)]
+        out, col = [], 0
+        for ns, cs, b in parts:
+            w = [np.concatenate(a) for a in zip(*(matmul_weights(t, n, qc) for n in ns))]
+            m = np.concatenate([np.asarray(c[0], np.int64).reshape(-1) for c in cs])
+            s = np.concatenate([np.asarray(c[1], np.int64).reshape(-1) for c in cs])
+            pre = np.concatenate([np.full(np.size(c[0]), int(c[2]), np.int64) for c in cs])
+            rows = len(m)
+            K = w[0].shape[1] * (2 if b == 4 else 1)
+            keep = [int_buffer(np.ascontiguousarray(a)) for a in (*w, m, s, pre)]
+            out.append({"fn1": mm[(rows, K, b, 1)], "fnT": mm[(rows, K, b, None)], "w": [k.t for k in keep[:-3]],
+                        "c": [k.t for k in keep[-3:]],
+                        "cols": (col, col + rows), "_keep": keep})
+            col += rows
+        return {"parts": out, "rows": col}
+
+    def _prepare_fast(self, names: dict, ref) -> None:
+        """Fused kernels: q|k|v and gate|up as one matmul each (requant fused), norms and quantizations fused."""
+        c, qc, t = self.cfg, self.qc, self.qmodel.tensors
+        mm = {key: self._fn(n) for key, n in names["mm"].items()}
+        self.k = {key: self._fn(names[key]) for key in ("embed", "norm_quant", "res_norm_quant", "qkv_post",
+                                                        "attention_q8", "silu_quant")}
+        for i, (L, layer) in enumerate(zip(ref.layers, self.layers)):
+            for group, members in FUSED.items():
+                ws = [f"blk.{i}.{n}.weight" for n in members]
+                layer[group] = self._matmuls(mm, ws, [L["c_" + n] for n in members], [linear_bits(t, w, qc) for w in ws])
+        head = "output" if "output.q" in t else "token_embd"
+        self.head = self._matmuls(mm, [head], [ref.c_head], [8])
+        qd, kvd, D, Fd = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.dim, c.ffn_dim
+        i64, i8 = np.int64, np.int8
+        spec = {"tok": (None, None, i64), "x": (None, D, i64), "x2": (None, D, i64), "o": (None, D, i64),
+                "h8": (None, D, i8), "ha": (None, 1, i64), "qkv": (None, qd + 2 * kvd, i64),
+                "q8": (None, qd, i8 if qc.q_bits == 8 else np.int16), "qa": (None, c.n_heads, i64),
+                "k8": (None, kvd, i8), "ka": (None, c.n_kv_heads, i64), "v8": (None, kvd, i8),
+                "a8": (None, qd, i8), "aa": (None, 1, i64), "gu": (None, 2 * Fd, i64), "f8": (None, Fd, i8),
+                "fa": (None, 1, i64), "last8": (1, D, i8), "lasta": (1, 1, i64),
+                "logits": (None, c.vocab_size, i64)}
+        spec.update({f"part{r}": (None, r, i64) for L in self.layers for g in FUSED
+                     for r in ([p["cols"][1] - p["cols"][0] for p in L[g]["parts"]] if len(L[g]["parts"]) > 1 else [])})
+        self._acts(spec)
+
+    def _rope(self, n_ctx: int):
+        if n_ctx > self._rope_n:
+            cos, sin = rope_q15(self.cfg, n_ctx)
+            self.cos, self.sin = int_buffer(cos), int_buffer(sin)
+            self._rope_n = n_ctx
+        return self.cos.t, self.sin.t
+
+    def new_cache(self, n_ctx: int) -> TvmIntKVCache:
+        return TvmIntKVCache(self.cfg, n_ctx)
+
+    # ---------------------------------------------------------------- forward
+    def _rows(self, T: int) -> dict:
+        """Views of the first T rows of every activation, made once per T."""
+        v = self._views.get(T)
+        if v is None:
+            v = self._views[T] = {n: b.rows(T) for n, b in self.acts.items()}
+        return v
+
+    def _run(self, tokens: np.ndarray, pos: int, kv: TvmIntKVCache, logits: str | None):
+        return (self._run_fast if self.fast else self._run_generic)(tokens, pos, kv, logits)
+
+    def _matmul(self, grp: dict, x8, amax, out, T: int) -> None:
+        """Fast matmul(s) of one fused group on int8 rows x8 (per-token amax) into out [T, rows]."""
+        parts = grp["parts"]
+        if len(parts) == 1:
+            p = parts[0]
+            (p["fn1"] if T == 1 else p["fnT"])(x8.t, *p["w"], amax.t, *p["c"], out.t)
+            return
+        for p in parts:                    # mixed widths: one call each, then into the group's columns
+            lo, hi = p["cols"]
+            part = self._rows(T)[f"part{hi - lo}"]
+            (p["fn1"] if T == 1 else p["fnT"])(x8.t, *p["w"], amax.t, *p["c"], part.t)
+            out.np[:, lo:hi] = part.np
+
+    def _run_fast(self, tokens: np.ndarray, pos: int, kv: TvmIntKVCache, logits: str | None):
+        """A chunk through the fused kernels. Per layer: q|k|v matmul, qkv_post, attention_q8, o matmul,
+        res_norm_quant, gate|up matmul, silu_quant, down matmul, res_norm_quant (the next layer's attention
+        norm, or the output norm), plus numpy writing the new int8 k / v rows into the cache."""
+        c, K, T = self.cfg, self.k, len(tokens)
+        a = self._rows(T)
+        cos, sin = self._rope(kv.n_ctx)
+        a["tok"].np[:] = tokens
+        x, x2, h8, ha, o = a["x"], a["x2"], a["h8"], a["ha"], a["o"]
+        K["embed"](self.emb["table"], a["tok"].t, self.emb["m"], self.emb["sh"], x.t)
+        K["norm_quant"](x.t, self.layers[0]["g1"], self.eps_q, h8.t, ha.t)
+        update = kv.update_int if self.profile is None else self._timed("numpy kv update", kv.update_int)
+        kv_shape = (T, c.n_kv_heads, c.head_dim)
+        n = len(self.layers)
+        for i, L in enumerate(self.layers):
+            self._matmul(L["qkv"], h8, ha, a["qkv"], T)
+            K["qkv_post"](a["qkv"].t, cos, sin, pos, L["vm"], L["vsh"], a["q8"].t, a["qa"].t, a["k8"].t, a["ka"].t,
+                          a["v8"].t)
+            update(i, pos, a["k8"].np.reshape(kv_shape), a["ka"].np, a["v8"].np.reshape(kv_shape))
+            K["attention_q8"](a["q8"].t, a["qa"].t, kv.tk, kv.tka, kv.tv, L["om"], L["osh"], i, pos, *L["sc"],
+                              a["a8"].t, a["aa"].t)
+            self._matmul(L["o"], a["a8"], a["aa"], o, T)
+            K["res_norm_quant"](x.t, o.t, L["g2"], self.eps_q, x2.t, h8.t, ha.t)
+            x, x2 = x2, x
+            self._matmul(L["gu"], h8, ha, a["gu"], T)
+            K["silu_quant"](a["gu"].t, *L["silu"], a["f8"].t, a["fa"].t)
+            self._matmul(L["down"], a["f8"], a["fa"], o, T)
+            if i + 1 < n or logits is not None:
+                g = self.layers[i + 1]["g1"] if i + 1 < n else self.g_out
+                K["res_norm_quant"](x.t, o.t, g, self.eps_q, x2.t, h8.t, ha.t)
+                x, x2 = x2, x
+        if logits is None:
+            return None
+        if logits == "last" and T > 1:
+            v = self._rows(1)
+            v["last8"].np[0], v["lasta"].np[0] = h8.np[-1], ha.np[-1]
+            h8, ha, T = v["last8"], v["lasta"], 1
+        lg = self._rows(T)["logits"]
+        self._matmul(self.head, h8, ha, lg, T)
+        return lg.np.astype(np.float32) * np.float32(2.0 ** -self.f_logit)
+
+    def _mm(self, lin: dict, src, T: int, out, q=None):
+        """Linear `lin` on rows src [T, K] into out. Dynamic inputs: the per-token int8 quantization `q` of src
+        when a previous linear made it (returned for the next); static inputs: the linear's own scale."""
+        K = src.np.shape[1]
+        q8 = self.lin8[K].rows(T)
+        if lin["static"] is not None:
+            self.k["static_quant"][K](src.t, *lin["static"], q8.t)
+            q, shared = (q8.t, self.acts["ones"].rows(T).t), None
+        elif q is None:
+            amax = self.acts["amax"].rows(T)
+            self.k["quant"][(1, K, 127)](src.t, q8.t, amax.t)
+            q = shared = (q8.t, amax.t)
+        else:
+            shared = q
+        lin["fn"](*q, *lin["w"], lin["m"], lin["s"], lin["pre"], out.t)
+        return shared
+
+    def _run_generic(self, tokens: np.ndarray, pos: int, kv: TvmIntKVCache, logits: str | None):
+        c, K, T = self.cfg, self.k, len(tokens)
+        a = {n: b.rows(T) for n, b in self.acts.items() if n != "last"}
+        cos, sin = self._rope(kv.n_ctx)
+        a["tok"].np[:] = tokens
+        x, x2 = a["x"], a["x2"]
+        K["embed"](self.emb["table"], a["tok"].t, self.emb["m"], self.emb["sh"], x.t)
+        kv_shape = (T, c.n_kv_heads, c.head_dim)
+        for i, L in enumerate(self.layers):
+            K["norm"](x.t, L["g1"], self.eps_q, a["h"].t)
+            hq = None
+            for n, out in (("attn_q", "q"), ("attn_k", "k"), ("attn_v", "v")):
+                hq = self._mm(L[n], a["h"], T, a[out], hq)
+            K["rope_q"](a["q"].t, cos, sin, pos, a["qr"].t)
+            K["rope_k"](a["k"].t, cos, sin, pos, a["kr"].t)
+            K["quant"][(c.n_heads, c.head_dim, self.q_max)](a["qr"].t, a["q8"].t, a["qa"].t)
+            K["quant"][(c.n_kv_heads, c.head_dim, 127)](a["kr"].t, a["k8"].t, a["ka"].t)
+            K["vquant"](a["v"].t, L["vm"], L["vsh"], a["v8"].t)
+            kv.update_int(i, pos, a["k8"].np.reshape(kv_shape), a["ka"].np, a["v8"].np.reshape(kv_shape))
+            K["attention"](a["q8"].t, a["qa"].t, kv.tk, kv.tka, kv.tv, L["om"], L["osh"], i, pos, *L["sc"], a["a"].t)
+            self._mm(L["attn_output"], a["a"], T, a["o"])
+            K["residual"](x.t, a["o"].t, x2.t)
+            x, x2 = x2, x
+            K["norm"](x.t, L["g2"], self.eps_q, a["h"].t)
+            self._mm(L["ffn_up"], a["h"], T, a["u"], self._mm(L["ffn_gate"], a["h"], T, a["g"]))
+            K["silu_mul"](a["g"].t, a["u"].t, *L["silu"], a["hh"].t)
+            self._mm(L["ffn_down"], a["hh"], T, a["o"])
+            K["residual"](x.t, a["o"].t, x2.t)
+            x, x2 = x2, x
+        if logits is None:
+            return None
+        if logits == "last":
+            self.acts["last"].np[0] = x.np[-1]
+            x, T = self.acts["last"], 1
+        h, lg = self.acts["h"].rows(T), self.acts["logits"].rows(T)
+        K["norm"](x.t, self.g_out, self.eps_q, h.t)
+        self._mm(self.head, h, T, lg)
+        return lg.np.astype(np.float32) * np.float32(2.0 ** -self.f_logit)
+
+
+def run_logits(backend: Backend, tokens, steps) -> np.ndarray:
+    """Logits of a prefill of `tokens` (all rows) then one decode step per id in `steps` (last row each),
+    stacked [len(tokens) + len(steps), vocab]: what a device run dumps for the host to compare."""
+    tokens = np.asarray(tokens, dtype=np.int64)
+    kv = backend.new_cache(len(tokens) + len(steps))
+    out = [backend.forward(tokens, 0, kv, all_logits=True)]
+    for i, tok in enumerate(steps):
+        out.append(backend.forward([int(tok)], len(tokens) + i, kv))
+    return np.concatenate(out, axis=0)
+
+
+def main(argv=None) -> int:
+    """`python -m edgellm.runtime.tvm_int_backend --qmodel M.npz --library L --tokens 1,2 --steps 3,4 --out X.npy`:
+    a device check of the integer kernels alone (tests run it under qemu for ARM and compare on the host)."""
+    import argparse
+    import platform
+    ap = argparse.ArgumentParser(prog="python -m edgellm.runtime.tvm_int_backend")
+    ap.add_argument("--qmodel", required=True)
+    ap.add_argument("--library", required=True)
+    ap.add_argument("--tokens", required=True, help="comma-separated prompt token ids")
+    ap.add_argument("--steps", default="", help="comma-separated decode token ids")
+    ap.add_argument("--out", required=True, help=".npy file for the stacked logits")
+    ap.add_argument("--threads", type=int, default=None)
+    a = ap.parse_args(argv)
+    ids = lambda s: [int(v) for v in s.split(",") if v.strip()]  # noqa: E731
+    be = TvmIntBackend(a.qmodel, a.library, a.threads)
+    logits = run_logits(be, ids(a.tokens), ids(a.steps))
+    tmp = Path(a.out).with_name(Path(a.out).name + ".tmp.npy")
+    np.save(tmp, logits)
+    os.replace(tmp, a.out)
+    print(platform.machine())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
