@@ -15,9 +15,9 @@ import time
 import numpy as np
 import pytest
 
-from test_tvm import (EM_AARCH64, REPO, SPECS, TOL, arm_rootfs, finish_on_arm, rel_err,  # noqa: F401 (fixture)
-                      require_tool, require_tvm, start_on_arm)
-from tinymodels import check_forward_errors, write_tiny_gguf
+from test_tvm import (EM_AARCH64, REPO, TOL, arm_rootfs, build_tiny, finish_on_arm,  # noqa: F401 (fixture)
+                      rel_err, require_tool, require_tvm, start_on_arm)
+from tinymodels import check_forward_errors
 
 from edgellm.errors import EdgeLLMError
 from edgellm.runtime.backend import NumpyBackend
@@ -29,13 +29,7 @@ def tiny(tmp_path_factory):
     """name -> (loaded model, build result of its host executable), compiled once."""
     require_tvm()
     from edgellm.compiler.relax_build import build_relax
-    from edgellm.compiler.tvm_build import host_target
-    d = tmp_path_factory.mktemp("relax")
-    out = {}
-    for name, spec in SPECS.items():
-        m = load_model(write_tiny_gguf(d / f"{name}.gguf", spec))
-        out[name] = (m, build_relax(m.config, host_target(), d / f"{name}.so"))
-    return out
+    return build_tiny(tmp_path_factory, "relax", build_relax)
 
 
 def test_build_fuses_and_lowers_every_function(tiny):

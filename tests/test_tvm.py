@@ -55,17 +55,24 @@ SPECS = {"llama": TinySpec(),                                              # GQA
          "mha_tied": TinySpec(n_kv_heads=4, tied=True, seed=2, rope_scale=2.0)}
 
 
+def build_tiny(tmp_path_factory, kind: str, build) -> dict:
+    """name -> (loaded model, build(config, host target, library path)) for each tiny spec."""
+    require_tvm()
+    from edgellm.compiler.tvm_build import host_target
+    d = tmp_path_factory.mktemp(kind)
+    out = {}
+    for name, spec in SPECS.items():
+        m = load_model(write_tiny_gguf(d / f"{name}.gguf", spec))
+        out[name] = (m, build(m.config, host_target(), d / f"{name}.so"))
+    return out
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """name -> (loaded model, host kernel library path) for each tiny spec, compiled once."""
     require_tvm()
-    from edgellm.compiler.tvm_build import build_kernels, host_target
-    d = tmp_path_factory.mktemp("tvm")
-    out = {}
-    for name, spec in SPECS.items():
-        m = load_model(write_tiny_gguf(d / f"{name}.gguf", spec))
-        out[name] = (m, build_kernels(m.config, host_target(), d / f"{name}.so"))
-    return out
+    from edgellm.compiler.tvm_build import build_kernels
+    return build_tiny(tmp_path_factory, "tvm", build_kernels)
 
 
 @pytest.fixture(scope="module")

@@ -137,19 +137,11 @@ class RelaxBackend(LibraryBackend):
         out = self.fns[fn](self._ids_tensor(tokens), ffi.Shape([pos]), kv.tk, kv.tv, cos, sin, *self.params)
         return np.from_dlpack(out).copy()
 
-    def forward(self, tokens, pos, kv, all_logits=False):
-        """Tokens at positions pos..: logits [T, vocab] (all_logits) or [1, vocab] for the last position."""
-        tokens = self._checked(tokens, pos, kv)
-        out = []
-        for start in range(0, len(tokens), self.chunk):
-            chunk = tokens[start:start + self.chunk]
-            last = start + len(chunk) == len(tokens)
-            fn = "decode" if len(chunk) == 1 else ("prefill" if all_logits else "prefill_last")
-            logits = self._call(fn, chunk, pos + start, kv)
-            if all_logits or last:
-                out.append(logits)
+    def _run(self, tokens, pos, kv, want):
+        fn = "decode" if len(tokens) == 1 else ("prefill" if want == "all" else "prefill_last")
+        logits = self._call(fn, tokens, pos, kv)
         kv.length = pos + len(tokens)
-        return np.concatenate(out, axis=0)
+        return logits if want else None
 
 
 def main(argv=None) -> int:

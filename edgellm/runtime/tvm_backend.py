@@ -221,6 +221,23 @@ class LibraryBackend(Backend):
             raise EdgeLLMError(f"token id out of range 0..{self.cfg.vocab_size - 1}", "check the tokenizer")
         return tokens
 
+    def _run(self, tokens: np.ndarray, pos: int, kv, want: str | None) -> np.ndarray | None:
+        """One chunk through the library: logits of "all" its positions, of the "last" one, or None."""
+        raise NotImplementedError
+
+    def forward(self, tokens, pos, kv, all_logits=False):
+        """Tokens at positions pos..: logits [T, vocab] (all_logits) or [1, vocab] for the last position."""
+        tokens = self._checked(tokens, pos, kv)
+        out = []
+        for start in range(0, len(tokens), self.chunk):
+            chunk = tokens[start:start + self.chunk]
+            last = start + len(chunk) == len(tokens)
+            want = "all" if all_logits else ("last" if last else None)
+            logits = self._run(chunk, pos + start, kv, want)
+            if logits is not None:
+                out.append(logits)
+        return np.concatenate(out, axis=0)
+
 
 class TvmBackend(LibraryBackend):
     """Runs the Llama-family forward pass with a compiled kernel library through the TVM runtime.
@@ -347,18 +364,6 @@ class TvmBackend(LibraryBackend):
         d.mm[(c.vocab_size, c.dim)](hl.t, self.w_out, lg.t)
         return lg.np.copy()
 
-    def forward(self, tokens, pos, kv, all_logits=False):
-        """Tokens at positions pos..: logits [T, vocab] (all_logits) or [1, vocab] for the last position."""
-        tokens = self._checked(tokens, pos, kv)
-        out = []
-        for start in range(0, len(tokens), self.chunk):
-            chunk = tokens[start:start + self.chunk]
-            last = start + len(chunk) == len(tokens)
-            want = "all" if all_logits else ("last" if last else None)
-            logits = self._run(chunk, pos + start, kv, want)
-            if logits is not None:
-                out.append(logits)
-        return np.concatenate(out, axis=0)
 
 
 def greedy(backend: Backend, prompt_ids, n_tokens: int, n_ctx: int | None = None) -> list[int]:
