@@ -1,7 +1,13 @@
 """edgellm: on-device LLM inference runtime and compiler."""
 from .errors import EdgeLLMError
-from .runtime.llm import LLM, GenerationResult
 
+
+def __getattr__(name: str):
+    """LLM and GenerationResult are imported on first use, so `import edgellm` (the CLI, the compiler) stays cheap."""
+    if name in ("LLM", "GenerationResult"):
+        from .runtime import llm
+        return getattr(llm, name)
+    raise AttributeError(f"module 'edgellm' has no attribute {name!r}")
 
 
 def compile(model, target: str = "x86-64", out=None, **kw):

@@ -348,11 +348,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--group-size", type=int, default=None, metavar="N",
                    help="w4 schemes: weights per scale group, 32, 64 (default) or 128")
     q.add_argument("--asym", action="store_true", help="w4 schemes: asymmetric groups (4-bit zero points)")
+    q.add_argument("--zero", default=None, choices=["int", "fp16"],
+                   help="with --asym: 4-bit integer zero points (int, default) or an fp16 group minimum as "
+                        "llama.cpp's Q4_1 (fp16: 5.0 bits per weight at --group-size 32)")
     q.add_argument("--integer-only", action="store_true",
                    help="w8a8/w4a8: integer arithmetic after the embedding lookup (int8 KV cache too)")
     q.add_argument("--kv-int8", action="store_true", help="int8 KV cache")
-    q.add_argument("--act", default="dynamic", choices=["dynamic", "static"],
-                   help="int8 activation scales: per token (dynamic, default) or calibrated per tensor (static)")
+    q.add_argument("--act", default="dynamic", choices=["dynamic", "block", "static"],
+                   help="int8 activation scales: per token (dynamic, default), per 32 channels of a token "
+                        "(block, as llama.cpp's Q8_0 activations: most accurate), or calibrated per tensor (static)")
     q.add_argument("--calib-tokens", type=_positive_int, default=2048, metavar="N",
                    help="calibration tokens to use (default 2048, at least 256)")
     p.add_argument("--report", action="store_true",
@@ -391,7 +395,8 @@ def cmd_compile(args) -> int:
                         report=args.report, with_wheels=args.with_wheels, device_python=args.device_python,
                         profile_neurons=args.profile_neurons, calibration=args.calibration, sparsity=args.sparsity,
                         group_size=args.group_size, asym=args.asym, integer_only=args.integer_only,
-                        kv_int8=args.kv_int8, act=args.act, calib_tokens=args.calib_tokens, progress=True,
+                        kv_int8=args.kv_int8, act=args.act, calib_tokens=args.calib_tokens, zero=args.zero,
+                        progress=True,
                         log=lambda m: print(m, file=sys.stderr))
     for line in res.report:
         print(line)

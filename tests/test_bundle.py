@@ -6,6 +6,7 @@ give the same tensor bytes, the same dequantized weights, the same logits and th
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from edgellm.compiler.bundle_writer import write_bundle
 from edgellm.devices.targets import host_target
 from edgellm.errors import EdgeLLMError, ModelFormatError
 from edgellm.runtime.backend import NumpyBackend
-from edgellm.runtime.bundle import BundleStore, load_bundle
+from edgellm.runtime.bundle import STAMP, BundleStore, load_bundle
 from edgellm.runtime.loader import load_model
 
 from tinymodels import TinySpec, write_tiny_gguf
@@ -74,6 +75,9 @@ def test_tiny_bundle_logits_tokenizer_and_metadata(tiny):
     assert_same_tensors(src, b)
     toks = src.tokenizer.encode("the cat and the hat")
     np.testing.assert_allclose(logits(b, toks), logits(src, toks), rtol=1e-6, atol=0)
+    ids = [i for t in TEXTS for i in src.tokenizer.encode(t)]
+    assert b.tokenizer.decode(ids) == src.tokenizer.decode(ids)
+    assert b.tokenizer._hf is None, "decoding ids must not build tokenizer.json's tokenizer (load-time cost)"
     for t in TEXTS:
         assert b.tokenizer.encode(t) == src.tokenizer.encode(t)
         assert b.tokenizer.decode(src.tokenizer.encode(t)) == src.tokenizer.decode(src.tokenizer.encode(t))
@@ -176,6 +180,101 @@ def test_truncated_and_missing_files_are_refused(tiny, tmp_path):
     (copy / "tokenizer.json").unlink()
     with pytest.raises(ModelFormatError, match="tokenizer.json is missing"):
         load_bundle(copy, verify=True)
+
+
+def test_bundle_without_a_token_list_reads_the_texts_from_tokenizer_json(tiny, tmp_path):
+    """Bundles written before tokenizer_config.json listed the token texts still load with the same tokens."""
+    src, out = tiny
+    copy = tmp_path / "b"
+    shutil.copytree(out, copy)
+    tc = copy / "tokenizer_config.json"
+    config = json.loads(tc.read_text())
+    del config["edgellm"]["tokens"]
+    tc.write_text(json.dumps(config))
+    tok = load_bundle(copy, verify=False).tokenizer
+    assert tok.tokens == src.tokenizer.tokens and tok.decode(range(40)) == src.tokenizer.decode(range(40))
+    config["edgellm"]["tokens"] = src.tokenizer.tokens[:-1]
+    tc.write_text(json.dumps(config))
+    with pytest.raises(ModelFormatError, match="token list has .* entries, vocab_size is"):
+        load_bundle(copy, verify=False)
+
+
+@pytest.mark.parametrize("space", [False, True])
+def test_tokenizer_json_merges_are_strings_unless_a_part_has_a_space(space):
+    """String merges load with ~20 MB less peak memory; a part with a space keeps the pair form (still loadable)."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models
+    b = " b" if space else "b"
+    spaced = [(" ", "b")] if space else []
+    hf = HFTokenizer(models.BPE(vocab={"a": 0, "b": 1, "a" + b: 2, "c": 3, " ": 4, " b": 5}, merges=spaced + [("a", b)]))
+    text = bundle_writer._tokenizer_json(hf)
+    assert json.loads(text)["model"]["merges"] == ([[" ", "b"], ["a", b]] if space else ["a b"])
+    again = HFTokenizer.from_str(text)
+    assert again.encode(f"ca{b}a").ids == hf.encode(f"ca{b}a").ids == [3, 2, 0]
+
+
+def _count_hashing(monkeypatch) -> list[str]:
+    from edgellm.runtime import bundle
+    hashed, real = [], bundle.sha256_file
+    monkeypatch.setattr(bundle, "sha256_file", lambda f: hashed.append(f.name) or real(f))
+    return hashed
+
+
+def _flip_byte_keep_mtime(f: Path) -> None:
+    st = f.stat()
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    f.write_bytes(bytes(data))
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))   # same size and mtime; ctime still moves
+
+
+def test_verified_bundle_skips_hashing_until_a_file_changes(tiny, tmp_path, monkeypatch):
+    _, out = tiny
+    copy = tmp_path / "b"
+    shutil.copytree(out, copy)   # copies the stamp too: a copy is new files (inode, ctime) and is hashed again
+    hashed = _count_hashing(monkeypatch)
+    load_bundle(copy)
+    assert "weights.bin" in hashed and (copy / STAMP).is_file()
+    hashed.clear()
+    load_bundle(copy)
+    assert hashed == []
+    load_bundle(copy, verify_full=True)
+    assert "weights.bin" in hashed
+    _flip_byte_keep_mtime(copy / "tokenizer.json")
+    with pytest.raises(ModelFormatError, match="tokenizer.json fails its sha256"):
+        load_bundle(copy)
+    with pytest.raises(ModelFormatError, match="tokenizer.json fails its sha256"):
+        load_bundle(copy)   # a failed check leaves no stamp behind
+
+
+def test_damaged_stamp_means_a_full_check(tiny, tmp_path, monkeypatch):
+    _, out = tiny
+    copy = tmp_path / "b"
+    shutil.copytree(out, copy)
+    load_bundle(copy)
+    hashed = _count_hashing(monkeypatch)
+    (copy / STAMP).write_text("{not json")
+    load_bundle(copy)
+    assert "weights.bin" in hashed and json.loads((copy / STAMP).read_text())["weights.bin"][0] > 0
+
+
+def test_stamp_of_a_read_only_bundle_goes_to_the_user_cache(tiny, tmp_path, monkeypatch):
+    from edgellm.runtime import bundle
+    _, out = tiny
+    copy = tmp_path / "b"
+    shutil.copytree(out, copy)
+    (copy / STAMP).unlink(missing_ok=True)
+    monkeypatch.setenv("EDGELLM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(bundle, "STAMP", "weights.bin/stamp")   # unwritable even for root
+    hashed = _count_hashing(monkeypatch)
+    load_bundle(copy)
+    assert "weights.bin" in hashed and len(list((tmp_path / "cache" / "verified").iterdir())) == 1
+    hashed.clear()
+    load_bundle(copy)
+    assert hashed == []
+    _flip_byte_keep_mtime(copy / "weights.bin")
+    with pytest.raises(ModelFormatError, match="weights.bin fails its sha256"):
+        load_bundle(copy)
 
 
 def test_unknown_schema_version_is_refused(tiny, tmp_path):

@@ -15,7 +15,7 @@ from edgellm.compiler.quantize import QuantConfig, calibration_chunks, format_qu
 from edgellm.devices import targets as T
 from edgellm.errors import EdgeLLMError, ModelFormatError
 from edgellm.runtime.bundle import sha256_file
-from edgellm.runtime.int_backend import IntBackend
+from edgellm.runtime.int_backend import IntBackend, NpzTensors
 from edgellm.runtime.intref import LINEARS, QuantizedModel
 from edgellm.runtime.loader import load_model
 from tinymodels import TinySpec, write_tiny_gguf
@@ -77,6 +77,7 @@ def test_quantized_bundle_runs_the_same_arithmetic_as_the_int_reference(tiny, ca
     assert np.array_equal(_logits(ref.backend), _logits(direct))      # same integers, same float32 logits
     if mode == "integer":                                               # the compiled kernels: bit-identical
         assert np.array_equal(_logits(llm.backend), _logits(direct))
+        assert isinstance(llm.backend.qmodel.tensors, NpzTensors)       # read from the file as packed, no copy
     # --backend numpy still runs the bundle's float weights, as the source model does
     float_llm = edgellm.LLM(bundles[scheme].bundle, backend="numpy", threads=2)
     assert float_llm.backend.name == "numpy"
@@ -91,6 +92,28 @@ def test_onnxruntime_runs_the_quantized_graph_like_the_mixed_reference(bundles):
     got, want = _logits(llm.backend), _logits(ref)
     assert np.abs(got - want).max() <= 2e-2 * np.abs(want).max()    # float32 op order can flip an int8 rounding
     assert np.array_equal(got.argmax(-1), want.argmax(-1))
+
+
+def test_block_activations_with_q4_1_groups_from_the_cli(tiny, calib, tmp_path, capsys):
+    """--asym --zero fp16 --act block: llama.cpp's Q4_1 weight groups (5.0 bits per weight) times int8
+    activations with one scale per 32 channels (as llama.cpp's Q8_0 activations). The bundle's integer kernels
+    are bit-identical to the int reference and its ONNX graph matches the mixed reference."""
+    out = tmp_path / "blk"
+    assert main(["compile", str(tiny), "-o", str(out), "--quant", "w4a8", "--group-size", "32", "--asym",
+                 "--zero", "fp16", "--act", "block", "--integer-only", "--calibration", str(calib),
+                 "--calib-tokens", str(CALIB)]) == 0
+    q = json.loads((out / "manifest.json").read_text())["quant"]
+    assert q["act"] == "block" and q["label"] == "w4a8-g32-fmin" and q["bits_per_weight"] == pytest.approx(5.0, abs=0.01)
+    qm = QuantizedModel.load(out / "quant" / "model.npz")
+    assert qm.qconfig.act_block == 32 and qm.qconfig.zero == "fp16" and not qm.qconfig.symmetric
+    llm = edgellm.LLM(out, threads=2)
+    assert llm.backend.name == "tvm-int"
+    assert np.array_equal(_logits(llm.backend), _logits(IntBackend(qm, mode="integer")))
+    got, want = _logits(edgellm.LLM(out, backend="onnxruntime", threads=2).backend), _logits(IntBackend(qm, mode="mixed"))
+    assert np.abs(got - want).max() <= 2e-2 * np.abs(want).max()
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 0
+    assert "block int8 activations" in capsys.readouterr().out
 
 
 def test_manifest_lists_and_describes_the_quantized_model(bundles):
@@ -198,6 +221,9 @@ def test_format_quant_report_orders_the_worst_layers():
     (["--quant", "w4a8", "--backends", "onnxruntime,tvm-relax", "CAL"], ["tvm-relax are not built for quantized"],
      True),
     (["--integer-only"], ["only to integer quantization", "w8a8 or w4a8"], True),
+    (["--act", "block"], ["--act block applies only to integer quantization"], True),
+    (["--quant", "w4a8", "--zero", "fp16", "CAL"], ["--zero fp16 sets the zero point", "add --asym"], True),
+    (["--quant", "w8a16", "--act", "block", "CAL"], ["keeps float activations", "drop --act"], True),
     (["--quant", "w8a8", "--backends", "cuda", "CAL"], ["unknown backend", "onnxruntime, tvm, tvm-relax"], True),
 ])
 def test_bad_quant_options_exit_2_and_leave_nothing(tiny, calib, tmp_path, capsys, argv, phrases, early):

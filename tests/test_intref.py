@@ -102,11 +102,13 @@ def test_int4_group_expansion_equals_per_group_integer_sum():
         xg = x.reshape(5, 4, 32).astype(np.int64)
         acc_g = np.einsum("tgk,ogk->tog", xg, qg)                   # int accumulators per group
         base = np.log2(lin.row_scale).astype(np.int64)
-        want = (acc_g * mant[None] << (e - base[:, None])[None]).sum(-1)
+        unit = lambda m, e: np.ldexp(m.astype(np.float64), e - base[:, None]).astype(np.int64)  # noqa: E731
+        assert np.array_equal(np.ldexp(unit(mant, e).astype(np.float64), base[:, None]), sc.astype(np.float64))
+        want = (acc_g * unit(mant, e)[None]).sum(-1)          # group scale in units of the row scale: an integer
         if fmin:                                                    # + group minimum * sum of the group's inputs
             mm, em = np.frexp(z.astype(np.float64))
             mm, em = np.rint(mm * 2048).astype(np.int64), em.astype(np.int64) - 11
-            want += (xg.sum(-1)[:, None, :] * (mm << (em - base[:, None]))[None]).sum(-1)
+            want += (xg.sum(-1)[:, None, :] * unit(mm, em)[None]).sum(-1)
         assert np.array_equal(IR.int_matmul(x, lin.w), want)
         # and the real value is the dequantized weight
         assert np.allclose(lin.w * lin.row_scale[:, None], IR.dequantize_linear(t, "w", qc), rtol=0, atol=1e-9)
@@ -147,7 +149,9 @@ def qmodels(tiny, chunks):
                       "w4a8": IR.QuantConfig("w4a8", group_size=32, symmetric=False, calib_tokens=512),
                       "w4a16": IR.QuantConfig("w4a16", group_size=32, calib_tokens=512),
                       "w4a8-mp": IR.QuantConfig("w4a8", group_size=32, calib_tokens=512, max_bpw=5.0, **FAST),
-                      "w8a8-static": IR.QuantConfig("w8a8", calib_tokens=512, act="static", **FAST)}.items():
+                      "w8a8-static": IR.QuantConfig("w8a8", calib_tokens=512, act="static", **FAST),
+                      "w4a8-fmin-block": IR.QuantConfig("w4a8", group_size=32, symmetric=False, zero="fp16",
+                                                        act="block", calib_tokens=512, **FAST)}.items():
         out[label] = quantize_model(tiny.config, tiny.weights, qc, chunks, progress=False)
     return out
 
@@ -159,7 +163,7 @@ def _logits(backend, ids):
     return backend.forward(np.asarray(ids), 0, backend.new_cache(128), all_logits=True)
 
 
-@pytest.mark.parametrize("scheme", ["w8a8", "w4a8", "w4a8-mp", "w8a8-static"])
+@pytest.mark.parametrize("scheme", ["w8a8", "w4a8", "w4a8-mp", "w8a8-static", "w4a8-fmin-block"])
 def test_integer_only_forward_is_integer_typed_and_deterministic(tiny, qmodels, scheme):
     ids = tiny.tokenizer.encode(PROMPT)[:48]
     b = IntBackend(qmodels[scheme], mode="integer")
@@ -175,7 +179,8 @@ def test_integer_only_forward_is_integer_typed_and_deterministic(tiny, qmodels, 
     assert np.array_equal(first, again)
 
 
-@pytest.mark.parametrize("scheme,tol", [("w8a8", 0.06), ("w4a8", 0.3), ("w4a8-mp", 0.3), ("w8a8-static", 0.1)])
+@pytest.mark.parametrize("scheme,tol", [("w8a8", 0.06), ("w4a8", 0.3), ("w4a8-mp", 0.3), ("w8a8-static", 0.1),
+                                        ("w4a8-fmin-block", 0.3)])
 def test_integer_only_close_to_mixed_and_float(tiny, qmodels, scheme, tol):
     ids = tiny.tokenizer.encode(PROMPT)[:48]
     ref = _logits(NumpyBackend(tiny.config, tiny.weights, act_quant="none"), ids)
@@ -256,6 +261,37 @@ def test_static_int8_input_matches_float_rounding():
     out = lin(z, c)
     ref = (want @ w.T) * lin.row_scale * act * 2.0 ** 16
     assert np.abs(out - ref).max() <= 1 + 1e-3 * np.abs(ref).max()
+
+
+def test_block_int8_input_is_the_exact_blockwise_sum():
+    """act="block": each 32-channel block of a token is rounded with its own amax; the integer linear equals
+    sum_b a16_b (q_b . w_b) computed in int64 (also when the float64 route needs its two-half split), and tracks
+    the float rounding of fake_quant_tokens(block=32) within the requant LSB."""
+    K, N, B = 128, 24, 32
+    z = np.rint(RNG.normal(0, 1.0, (6, K)) * 2.0 ** 20).astype(np.int64)
+    z[:, 5] *= 300                                                   # an outlier channel: only its block coarsens
+    q, amax = IR.quant_dynamic(z, block=B)
+    assert amax.shape == (6, K // B) and q.dtype == np.int8
+    for b in range(K // B):
+        want_q, want_a = IR.quant_dynamic(z[:, b * B:(b + 1) * B])
+        assert np.array_equal(q[:, b * B:(b + 1) * B], want_q) and np.array_equal(amax[:, b:b + 1], want_a)
+    for wmax in (127, 2 ** 30):                                      # small weights; weights past the 2^53 route
+        w = RNG.integers(-wmax, wmax + 1, size=(N, K)).astype(np.float64)
+        lin = IR.IntLinear(w, RNG.uniform(1e-3, 2e-3, N) * 127 / wmax, int(math.ceil(math.log2(127.0 * wmax * K))))
+        m, s, pre = lin.constants(2.0 ** -20, 12)
+        sa = np.maximum(IR.bitlen(amax.max(axis=1, keepdims=True)) - 16, 0)
+        a16 = IR.rshift_round(amax, sa)
+        wi = w.astype(np.int64)
+        prod = sum((q[:, b * B:(b + 1) * B].astype(np.int64) @ wi[:, b * B:(b + 1) * B].T) * a16[:, b:b + 1]
+                   for b in range(K // B))
+        got = lin(z, (m, s, pre), B)
+        assert np.array_equal(got, IR.requant(prod, m, s - sa, pre))
+        real = IR.fake_quant_tokens(z * 2.0 ** -20, block=B) @ (w * lin.row_scale[:, None]).T * 2.0 ** 12
+        # amax kept to the token's 16 significant bits: a block far below the outlier's loses ~2^-16 of the max
+        assert np.abs(got - real).max() <= 2 + 1e-4 * np.abs(real).max()
+        per_token = IR.fake_quant_tokens(z * 2.0 ** -20) @ (w * lin.row_scale[:, None]).T * 2.0 ** 12
+        exact = (z * 2.0 ** -20) @ (w * lin.row_scale[:, None]).T * 2.0 ** 12
+        assert np.abs(real - exact).max() < np.abs(per_token - exact).max()      # why blocks: the outlier
 
 
 def test_integer_static_tracks_mixed_static(tiny, qmodels):

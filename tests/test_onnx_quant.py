@@ -31,6 +31,10 @@ CONFIGS = {
     "w4a8-g64-asym-static": ("untied", dict(scheme="w4a8", group_size=64, symmetric=False, act="static", **FAST)),
     "w8a8-tied-static": ("tied", dict(scheme="w8a8", act="static", **FAST)),
     "w4a16-g32": ("untied", dict(scheme="w4a16", group_size=32, **FAST)),
+    "w4a8-g32-fmin-block": ("untied", dict(scheme="w4a8", group_size=32, symmetric=False, zero="fp16", act="block",
+                                           **FAST)),
+    "w4a8-g64-block": ("untied", dict(scheme="w4a8", group_size=64, act="block", **FAST)),
+    "w8a8-tied-block": ("tied", dict(scheme="w8a8", act="block", **FAST)),
 }
 SPECS = {"untied": TinySpec(n_layers=2, dim=64, ffn_dim=128, seed=3),
          "tied": TinySpec(n_layers=2, dim=64, ffn_dim=128, n_kv_heads=1, tied=True, seed=4)}
@@ -133,7 +137,7 @@ def test_every_linear_matches_the_oracle_on_the_graph_inputs(models, label):
     for name, (x, y) in taps.items():
         xs = got[x].reshape(len(PROMPT), -1)
         if name == "head":
-            want = IR.fake_quant_tokens(xs) @ ref.w["head"].T
+            want = IR.fake_quant_tokens(xs, block=qm.qconfig.act_block) @ ref.w["head"].T
         else:
             want = ref._lin(xs, name)
         if ".attn_q." in name or ".attn_k." in name:              # the graph keeps q/k rows in NeoX order

@@ -205,6 +205,31 @@ def test_decode_skip_special(smol_tok):
     assert smol_tok.decode(ids, skip_special=True) == "user\nHi"
 
 
+def test_deferred_build_happens_once_and_matches_llama_cpp(smol_tok, smol_llama, passage):
+    """A bundle's Tokenizer gets a function that builds the `tokenizers` object on the first encode: built
+    once even when threads encode at the same time, with the same ids and token texts as the eager one."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tokenizers import Tokenizer as HFTokenizer
+    calls = []
+
+    def build():
+        calls.append(1)
+        time.sleep(0.05)   # widens the window in which a second thread could start a build too
+        return HFTokenizer.from_str(smol_tok.hf.to_str())
+
+    keys = ("model", "byte_level", "bos_id", "eos_id", "eog_ids", "add_bos", "add_eos", "add_space_prefix")
+    lazy = Tokenizer(build, None, list(smol_tok.token_types), vocab_size=smol_tok.vocab_size,
+                     **{k: getattr(smol_tok, k) for k in keys})
+    assert calls == []
+    with ThreadPoolExecutor(4) as ex:
+        got = list(ex.map(lambda p: lazy.encode(p, special=False), PROMPTS + [passage]))
+    assert calls == [1]
+    assert got == [smol_tok.encode(p, special=False) for p in PROMPTS + [passage]]
+    assert _mismatches(lazy, smol_llama, PROMPTS + [passage], None, True) == []
+    assert lazy.tokens == smol_tok.tokens
+
+
 def test_smollm2_build_is_fast(smol_meta):
     best = min(_timed(lambda: Tokenizer.from_gguf_metadata(smol_meta)) for _ in range(2))
     assert best < 1.0, f"building the 49152-token tokenizer took {best:.2f} s"

@@ -45,8 +45,8 @@ def quantized(fmt: str, rows: int, cols: int, seed: int) -> tuple[dict, IR.Quant
     codes = rng.integers(0, 16, (rows, cols)).astype(np.uint8)
     codes[0], codes[1] = 0, 15
     ng = cols // g
-    scale = (1 + rng.random((rows, ng))) * 2.0 ** rng.integers(-14, 7, (rows, ng))
-    scale[:, 0], scale[:, -1] = 2.0 ** -14, (2 - 2.0 ** -10) * 2.0 ** 6   # 2^20 apart; mantissa 2047
+    scale = (1 + rng.random((rows, ng))) * 2.0 ** rng.integers(-14, -4, (rows, ng))
+    scale[:, 0], scale[:, -1] = 2.0 ** -24, 2047 * 2.0 ** -4    # 2047 << 20 apart (fp16 subnormal 1 x 2^-24)
     scale[2, ng // 2] = 0.0                                                   # a dead group
     return {NAME + ".q": IR.pack_int4(codes), NAME + ".scale": scale.astype(np.float16)}, \
         IR.QuantConfig("w4a8", group_size=g)
@@ -128,6 +128,21 @@ def test_bit_identical_to_integer_reference(tvm, isa):
         prefill = lib[f"{name}_prefill"]
         assert np.array_equal(run(prefill, x8, w, rows), ref), name
         assert np.array_equal(run(prefill, x8[:1], w, rows), ref[:1]), name
+
+
+@pytest.mark.parametrize("T", [32, 33])
+def test_prefill_token_blocks(tvm, T):
+    """The prefill kernel computes PREFILL_TOKENS tokens per weight row together, the rest one by one: full
+    chunks and an odd remainder == the reference, row by row."""
+    from edgellm.compiler.tvm_int_matmul import PREFILL_TOKENS, int_matmul_func, pack_for_kernel
+    assert PREFILL_TOKENS > 1 and T % PREFILL_TOKENS == (0 if T == 32 else 1)
+    t, qc = quantized("w4g32", 24, 128, 40)
+    x8 = np.random.default_rng(41).integers(-127, 128, (T, 128)).astype(np.int8)
+    x8[T - 1] = 127
+    target = TARGETS["avx2" if host_has("avx2") else "generic"]
+    fn = int_matmul_func(24, 128, 4, 32, target, None)
+    lib = tvm.compile(tvm.IRModule({"mm": fn.with_attr("global_symbol", "mm")}), target=tvm.target.Target(target))
+    assert np.array_equal(run(lib["mm"], x8, pack_for_kernel(t, NAME, qc), 24), reference(t, qc, x8))
 
 
 def test_vnni_variant_compiles_to_vpdpbusd(tvm):

@@ -61,6 +61,7 @@ class LlamaScorer:
 def parse_scheme(spec: str, args) -> QuantConfig:
     """w4a8:g64:asym:mp5 -> QuantConfig (asym: 4-bit integer zero point, fmin: fp16 group minimum,
     gptq: GPTQ rounding, mpB: mixed precision within B bits per weight, static: calibrated per-tensor activation scales,
+    block: one int8 activation scale per 32 channels of a token (llama.cpp's Q8_0 activations),
     q16 / v16: int16 queries / int16 V cache in the integer-only attention; runtime choices, the quantized
     model is the same)."""
     parts = spec.split(":")
@@ -72,14 +73,14 @@ def parse_scheme(spec: str, args) -> QuantConfig:
             sym, zero = False, ("int" if p == "asym" else "fp16")
         elif p.startswith("mp"):
             mp = float(p[2:])
-        elif p == "static":
-            act = "static"
+        elif p in ("static", "block"):
+            act = p
         elif p in ("q16", "v16"):
             q_bits, v_bits = (16, v_bits) if p == "q16" else (q_bits, 16)
         elif p == "gptq":
             gptq = True
         else:
-            raise SystemExit(f"unknown scheme option {p!r} in {spec!r} (g32, asym, fmin, gptq, mp5, static, q16, v16)")
+            raise SystemExit(f"unknown scheme option {p!r} in {spec!r} (g32, asym, fmin, gptq, mp5, static, block, q16, v16)")
     return QuantConfig(parts[0], group_size=g, symmetric=sym, zero=zero, kv_int8=args.kv_int8, max_bpw=mp, act=act,
                        q_bits=q_bits, v_bits=v_bits, gptq=gptq, calib_tokens=args.calib_tokens,
                        smooth=not args.no_smooth, clip_search=not args.no_clip, prob_bits=args.prob_bits,
@@ -122,7 +123,7 @@ def f32_gguf(src: Path) -> Path:
 
 def scheme_name(qc: QuantConfig) -> str:
     """Table name of a scheme: label plus the options that are not in QuantConfig.label."""
-    return (f"{qc.label}{'-static' if qc.act == 'static' else ''}{'-q16' if qc.q_bits == 16 else ''}{'-v16' if qc.v_bits == 16 else ''}"
+    return (f"{qc.label}{'-' + qc.act if qc.act != 'dynamic' else ''}{'-q16' if qc.q_bits == 16 else ''}{'-v16' if qc.v_bits == 16 else ''}"
             f"{'-kv8' if qc.kv_int8 else ''}{'' if qc.smooth else '-nosmooth'}"
             f"{'' if qc.clip_search else '-noclip'}{'' if qc.qk_smooth else '-noqk'}")
 

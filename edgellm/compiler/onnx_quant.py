@@ -17,6 +17,8 @@ with every linear written in standard ONNX integer ops that onnxruntime and TVM'
   a16           weight-only schemes: the same integer codes, Cast to float, float MatMul, same scaling.
   lm head       the oracle's per-token int8 activations x int8 rows (tied models share the embedding table
                 through a Transpose); the embedding Gathers int8 rows and scales.
+  act "block"   one d per 32 channels of a token: x as [blocks, T, 32] int8 and the weight as [blocks, 32, out],
+                one batched MatMulInteger, each block's int32 sum times its d (and its group's scale), summed.
   kv_int8       new keys/values are rounded to int8 per (token, head) and stored dequantized (float cache I/O).
 TVM (apache-tvm 0.27 relax.frontend.onnx) imports the graph with fixed input shapes only: with symbolic seq/past
 its Reshape converter loses the attention output's shape. The mask's Shape outputs are Cast to tensors for it.
@@ -88,10 +90,48 @@ class _QuantExporter(_LlamaExporter):
             fmin = None if fmin is None else rows(fmin)
         return q.astype(np.int8), s.astype(np.float32), None if fmin is None else fmin.astype(np.float32)
 
+    def quant_blocks(self, x: str, k: int) -> tuple[str, str]:
+        """act="block": x [.., k] -> (int8 codes [blocks, T, B], d [blocks, T, 1]), d = max|x| / 127 per block."""
+        b, B = self.b, self.qc.act_block
+        if (x, "block") not in self._int8:
+            q, d = self.round_int8(b.op("Reshape", [x, b.const([-1, k // B, B])]))            # [T, nb, B]
+            self._int8[x, "block"] = (b.op("Transpose", [b.op("Cast", [q], to=TensorProto.INT8)], perm=[1, 0, 2]),
+                                      b.op("Transpose", [d], perm=[1, 0, 2]))
+        return self._int8[x, "block"]
+
+    def block_matmul(self, x: str, k: int, w: str, gscale=None, fmin=None, name: str = "") -> str:
+        """sum over blocks of d_b (q_b @ w_b) [T, out], w int8 [blocks, B, out]; w4 group scales / minima
+        ([groups, out]) apply to the r = blocks / groups consecutive blocks of their group."""
+        b = self.b
+        xq, d = self.quant_blocks(x, k)
+        acc = b.op("Mul", [self.to_float(b.op("MatMulInteger", [xq, w])), d])                     # [nb, T, out]
+        if gscale is None:
+            return b.op("ReduceSum", [acc, b.const([0])], keepdims=0)
+        G, n = gscale.shape
+        r = k // self.qc.act_block // G
+        acc = b.op("Mul", [b.op("Reshape", [acc, b.const([G, r, -1, n])]), b.init(name + "_scale", gscale[:, None, None, :])])
+        y = b.op("ReduceSum", [acc, b.const([0, 1])], keepdims=0)
+        if fmin is not None:                                       # + min * (sum of the group's values)
+            xs = b.op("ReduceSum", [b.op("Mul", [self.to_float(xq), d]), b.const([2])], keepdims=0)   # [nb, T]
+            xs = b.op("ReduceSum", [b.op("Reshape", [xs, b.const([G, r, -1])]), b.const([1])], keepdims=0)
+            y = b.op("Add", [y, b.op("MatMul", [b.op("Transpose", [xs], perm=[1, 0]),
+                                                b.init(name + "_min", np.ascontiguousarray(fmin))])])
+        return y
+
     def linear(self, x: str, name: str, heads: int | None = None) -> str:
         b, qc = self.b, self.qc
         q, s, fmin = self.codes(name, heads)
         n, k = q.shape
+        if qc.act_block:
+            B = qc.act_block
+            w = b.init(name + "_q", np.ascontiguousarray(q.reshape(n, k // B, B).transpose(1, 2, 0)))  # [nb, B, out]
+            if qc.w_bits == 8:
+                y = b.op("Mul", [self.block_matmul(x, k, w), b.init(name + "_scale", s)])
+            else:
+                y = self.block_matmul(x, k, w, np.ascontiguousarray(s.T), None if fmin is None else fmin.T, name)
+            y = b.op("Reshape", [y, b.const([1, -1, n])])
+            self.taps[name] = (x, y)
+            return y
         if qc.a_bits == 8:
             st = self.t.get(name + ".act_scale") if qc.act == "static" else None
             xa, d = self.quant_act(x, None if st is None else float(st))
@@ -142,6 +182,12 @@ class _QuantExporter(_LlamaExporter):
         else:                                                      # tied: the embedding table, transposed
             w = b.op("Transpose", ["token_embd_q"], perm=[1, 0], name="lm_head_q")
             s = b.op("Reshape", ["token_embd_scale", b.const([-1])])
+        if self.qc.act_block:                                      # [D, V] -> [blocks, B, V]
+            D, B = self.c.dim, self.qc.act_block
+            wb = b.op("Reshape", [w, b.const([D // B, B, -1])])
+            y = b.op("Mul", [b.op("Reshape", [self.block_matmul(x, D, wb), b.const([1, -1, self.c.vocab_size])]), s])
+            self.taps["head"] = (x, y)
+            return y
         xa, d = self.quant_act(x)
         y = b.op("Mul", [b.op("Mul", [self.to_float(b.op("MatMulInteger", [xa, w])), d]), s])
         self.taps["head"] = (x, y)

@@ -43,13 +43,13 @@ def _bundle_bytes(path: Path) -> int:
 
 def quant_config(quant: str = "gguf-native", group_size: int | None = None, asym: bool = False,
                  integer_only: bool = False, kv_int8: bool = False, act: str = "dynamic",
-                 calib_tokens: int = 2048) -> QuantConfig | None:
+                 calib_tokens: int = 2048, zero: str | None = None) -> QuantConfig | None:
     """The QuantConfig of `--quant` and its options (None for gguf-native), or a clear error naming valid ones."""
     q = str(quant).lower()
     if q == "gguf-native":
         extra = [f for f, on in (("--group-size", group_size is not None), ("--asym", asym),
                                  ("--integer-only", integer_only), ("--kv-int8", kv_int8),
-                                 ("--act static", act != "dynamic")) if on]
+                                 (f"--act {act}", act != "dynamic"), (f"--zero {zero}", zero is not None)) if on]
         if extra:
             raise EdgeLLMError(f"{', '.join(extra)} {'applies' if len(extra) == 1 else 'apply'} only to integer "
                                "quantization, not to --quant gguf-native",
@@ -57,8 +57,10 @@ def quant_config(quant: str = "gguf-native", group_size: int | None = None, asym
         return None
     if q not in QUANT_SCHEMES and not re.fullmatch(r"w\d+a4", q):     # w?a4 gets QuantConfig's int4-activation error
         raise EdgeLLMError(f"unknown quantization scheme {quant!r}", f"choose --quant from: {', '.join(QUANT_SCHEMES)}")
-    qc = QuantConfig(q, group_size=group_size, symmetric=not asym, act=act, kv_int8=kv_int8 or integer_only,
-                     calib_tokens=calib_tokens)
+    if zero is not None and not asym:
+        raise EdgeLLMError(f"--zero {zero} sets the zero point of asymmetric groups", "add --asym, or drop --zero")
+    qc = QuantConfig(q, group_size=group_size, symmetric=not asym, zero=zero or "int", act=act,
+                     kv_int8=kv_int8 or integer_only, calib_tokens=calib_tokens)
     if qc.a_bits != 8 and integer_only:
         raise EdgeLLMError(f"--integer-only needs int8 activations, and {qc.scheme} keeps float activations",
                            f"use --quant {' or '.join(INTEGER_ONLY_SCHEMES)} with --integer-only, or drop "
@@ -107,15 +109,15 @@ def compile_model(model: str | os.PathLike, target: str = "x86-64", out: str | o
                   with_wheels: bool = False, device_python: str = "3.11", profile_neurons: bool = False,
                   calibration: str | os.PathLike | None = None, sparsity: float = 0.5,
                   group_size: int | None = None, asym: bool = False, integer_only: bool = False,
-                  kv_int8: bool = False, act: str = "dynamic", calib_tokens: int = 2048, progress: bool = False,
-                  log=print) -> CompileResult:
+                  kv_int8: bool = False, act: str = "dynamic", calib_tokens: int = 2048, zero: str | None = None,
+                  progress: bool = False, log=print) -> CompileResult:
     """Compile `model` for `target` into a bundle directory (default: <model name>.<target>.bundle).
 
     backends None: onnxruntime, tvm and tvm-relax for gguf-native; none for an integer `quant` (w8a8, w4a8,
     w4a16, w8a16), whose quantized model (calibrated on `calibration` text) runs on the runtime's int backend.
     """
     t = get_target(target)
-    qc = quant_config(quant, group_size, asym, integer_only, kv_int8, act, calib_tokens)
+    qc = quant_config(quant, group_size, asym, integer_only, kv_int8, act, calib_tokens, zero)
     check_quant(t, "gguf-native" if qc is None else qc.scheme, integer_only)
     backends = _check_backends(backends, qc)
     if (profile_neurons or qc is not None) and calibration is None:

@@ -210,6 +210,7 @@ def linear_kernel(N: int, K: int, qc: QuantConfig | None):
     acc = sum_g gm * sum_k q (u - z) + fm * sum_k q, int32 inside a group, int64 across, exactly.
     Output [T, N] int64 at the layer's fraction bits. A static-input linear passes amax = 1 (then the
     requant is intref's requant(acc, m, s, pre)). This is the one function to swap for a faster GEMM.
+    For act="block" models see block_linear_kernel.
     """
     from tvm import te
     T = _rows()
@@ -278,6 +279,75 @@ def linear_kernel(N: int, K: int, qc: QuantConfig | None):
         sch.reverse_compute_at(sch.get_sblock("out"), t)
 
     return _func([q, amax, *weights, m, s, pre, out], schedule=schedule)
+
+
+def block_linear_kernel(N: int, K: int, qc: QuantConfig, bits: int):
+    """linear_kernel for per-block int8 inputs (act="block", amax [T, K/B]) and `bits`-wide weights: IntLinear.__call__ with block = qc.act_block, exactly:
+    out = requant(sum_b a16_b * sum_{k in b} q_k w_k, m, s - sa, pre), a16_b = amax_b kept to the token's 16 bits.
+    Weights as linear_kernel (int8 codes, or nibbles with per-group zero, gm, and fp16-minimum terms)."""
+    from tvm import te
+    B = qc.act_block
+    nb = K // B
+    T = _rows()
+    q = te.placeholder((T, K), "int8", name="q")
+    amax = te.placeholder((T, nb), I64, name="amax")
+    m = te.placeholder((N,), I64, name="m")
+    s = te.placeholder((N,), I64, name="s")
+    pre = te.var("pre", I64)
+    j = te.reduce_axis((0, nb), "j")
+    top = te.compute((T,), lambda t: te.max(amax[t, j], axis=j), name="top")
+    sa = te.compute((T,), lambda t: te.max(bitlen(top[t]) - _c(16), _c(0)), name="sa")
+    a16 = te.compute((T, nb), lambda t, b: rshift_round(amax[t, b], sa[t]), name="a16")
+    kb = te.reduce_axis((0, B), "kb")
+    if bits == 8:
+        w = te.placeholder((N, K), "int8", name="w")
+        weights = [w]
+        bs = te.compute((T, N, nb), lambda t, n, b: te.sum(
+            q[t, b * B + kb].astype("int32") * w[n, b * B + kb].astype("int32"), axis=kb), name="bs")
+        term = lambda t, n, b: bs[t, n, b].astype(I64)  # noqa: E731
+    else:
+        g = qc.group_size
+        r = g // B                                           # activation blocks per weight group
+        fmin = not qc.symmetric and qc.zero == "fp16"
+        codes = te.placeholder((N, K // 2), "uint8", name="codes")
+        z = te.placeholder((N, K // g), "int8", name="zero")
+        mant = te.placeholder((N, K // g), "int16", name="mant")
+        shift = te.placeholder((N, K // g), "int8", name="shift")
+        weights = [codes, z, mant, shift]
+        gm = lambda n, gi: mant[n, gi].astype(I64) << shift[n, gi].astype(I64)  # noqa: E731
+
+        def code(n, c):                                      # stored nibble of column c (even column low)
+            byte = codes[n, c // 2].astype("int32")
+            return te.if_then_else(c % 2 == 0, byte & 15, byte >> 4)
+        bs = te.compute((T, N, nb), lambda t, n, b: te.sum(
+            q[t, b * B + kb].astype("int32") * (code(n, b * B + kb) - z[n, b // r].astype("int32")), axis=kb), name="bs")
+        term = lambda t, n, b: bs[t, n, b].astype(I64) * gm(n, b // r)  # noqa: E731
+        if fmin:
+            fmant = te.placeholder((N, K // g), "int16", name="min_mant")
+            fshift = te.placeholder((N, K // g), "int8", name="min_shift")
+            weights += [fmant, fshift]
+            k2 = te.reduce_axis((0, B), "k2")
+            xs = te.compute((T, nb), lambda t, b: te.sum(q[t, b * B + k2].astype("int32"), axis=k2), name="xs")
+            term0 = term
+            term = lambda t, n, b: term0(t, n, b) + xs[t, b].astype(I64) * (  # noqa: E731
+                fmant[n, b // r].astype(I64) << fshift[n, b // r].astype(I64))
+    jb = te.reduce_axis((0, nb), "jb")
+    prod = te.compute((T, N), lambda t, n: te.sum(term(t, n, jb) * a16[t, jb], axis=jb), name="prod")
+    out = te.compute((T, N), lambda t, n: rshift_round(rshift_round(prod[t, n], pre) * m[n], s[n] - sa[t] - pre),
+                     name="out")
+
+    def schedule(sch):
+        """Output rows over threads; per row, every token's block sums then the weighted total."""
+        for blk in ("sa", "a16"):
+            sch.compute_inline(sch.get_sblock(blk))
+        t, n, _ = sch.get_loops(sch.get_sblock("bs"))[:3]
+        sch.reorder(n, t)
+        sch.parallel(n)
+        t, n = sch.get_loops(sch.get_sblock("prod"))[:2]
+        sch.reorder(n, t)
+        sch.parallel(n)
+
+    return _func([q, amax, *weights, m, s, pre, out], parallel=["out"], schedule=schedule)
 
 
 def _rope(x, T, H: int, d: int, rd: int, neox: bool, cos, sin, pos, col0: int = 0, name: str = "y"):
@@ -410,6 +480,100 @@ def attention_kernel(cfg: ModelConfig, prob_bits: int, q_bits: int = 8, quant: b
     return _func([q8, qa, kc, ka, vc, om, osh, layer, pos, sc_m, sc_s, *outs], schedule=schedule)
 
 
+def round_div_by(a, b, inv):
+    """round_div(a, b) for b > 0 with inv = 1.0 / (2 b) computed once for many a (a row's total or amax): the
+    quotient from one float64 multiply, corrected to the exact floor by the integer remainder; exact while
+    |2a + b| and 2b < 2^52, else an integer division."""
+    from tvm import te, tirx
+    n, D = _c(2) * a + b, _c(2) * b
+    q0 = tirx.Cast(I64, tirx.floor(tirx.Cast("float64", n) * inv))
+    r = n - q0 * D
+    q = q0 + tirx.Select(r >= D, _c(1), _c(0)) - tirx.Select(r < _c(0), _c(1), _c(0))
+    big = _c(1 << 52)
+    return tirx.if_then_else(tirx.all(te.abs(n) < big, D < big), q, tirx.floordiv(n, D))
+
+
+def attention_rows_kernel(cfg: ModelConfig, prob_bits: int, q_bits: int = 8, T: int | None = None):
+    """attention_kernel(quant=True), same arguments and bits, as one loop nest per query row: heads in turn, each
+    row of scores, softmax, then P @ V in int32 blocks of 256 positions (p < 2^16, |v| <= 127: a block sum stays
+    below 2^31) widened to int64, every division by a row's total a float64 multiply (round_div_by). Rows split
+    over threads (prefill); T = 1 (decode) runs serially, as a parallel loop's thread wake-up costs more than
+    the work at a short context."""
+    from tvm import te, tirx
+    from tvm.script import tirx as T_
+    from .tvm_int_matmul import _hsum, _sum, _tvm as _matmul_tvm
+    _matmul_tvm()                                   # binds the vector helpers' tirx
+    H, KVH, d, rep, NL = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.n_rep, cfg.n_layers
+    HD, W = H * d, 16
+    if d % W:
+        return attention_kernel(cfg, prob_bits, q_bits, quant=True)
+    q_ln2, q_b, q_c, _ = exp_consts(SCORE_F)
+    qdt, P, BL = "int8" if q_bits == 8 else "int16", (1 << prob_bits) - 1, 256
+    n_ctx = tirx.Var("n_ctx", "int32")
+    n = tirx.Var("T", "int32") if T is None else T
+    rows = T_.parallel if T is None else T_.serial
+
+    def dot(q8, kc, layer, t, h, l):
+        return _hsum(_sum([tirx.Cast(f"int32x{W}", q8[t, tirx.Ramp(h * d + W * c, 1, W)])
+                           * tirx.Cast(f"int32x{W}", kc[layer, l, h // rep, tirx.Ramp(W * c, 1, W)])
+                           for c in range(d // W)]), W, "int32")
+
+    def score(acc, qa, ka, layer, t, h, l, sc_m, sc_s):
+        a = ka[layer, l, h // rep]
+        sq = te.max(bitlen(qa[t, h]) - _c(16), _c(0))
+        sk = te.max(bitlen(a) - _c(16), _c(0))
+        t1 = rshift_round(acc * rshift_round(qa[t, h], sq), q_bits) * rshift_round(a, sk)
+        return rshift_round(t1 * sc_m, sc_s - _c(q_bits) - sq - sk)
+
+    @T_.prim_func
+    def attn(q8: T_.Buffer((n, HD), qdt), qa: T_.Buffer((n, H), I64), kc: T_.Buffer((NL, n_ctx, KVH, d), "int8"),
+             ka: T_.Buffer((NL, n_ctx, KVH), I64), vc: T_.Buffer((NL, n_ctx, KVH, d), "int8"),
+             om: T_.Buffer((HD,), I64), osh: T_.Buffer((HD,), I64), layer: T_.int32, pos: T_.int32,
+             sc_m: T_.int64, sc_s: T_.int64, out8: T_.Buffer((n, HD), "int8"), amax: T_.Buffer((n, 1), I64)):
+        T_.func_attr({"tir.noalias": True})
+        sc = T_.alloc_buffer((n, n_ctx), I64)
+        p32 = T_.alloc_buffer((n, n_ctx), "int32")
+        pv = T_.alloc_buffer((n, d), "int32")
+        o = T_.alloc_buffer((n, HD), I64)
+        st = T_.alloc_buffer((n, 2), I64)             # row max, then row total / output amax
+        inv = T_.alloc_buffer((n,), "float64")
+        for t in rows(n):
+            for h in range(H):
+                for l in range(pos + t + 1):
+                    sc[t, l] = T_.Cast(I64, dot(q8, kc, layer, t, h, l))     # stored first: score() uses it twice
+                    sc[t, l] = score(sc[t, l], qa, ka, layer, t, h, l, sc_m, sc_s)
+                st[t, 0] = sc[t, 0]
+                for l in range(pos + t + 1):
+                    st[t, 0] = T_.max(st[t, 0], sc[t, l])
+                st[t, 1] = T_.int64(0)
+                for l in range(pos + t + 1):
+                    sc[t, l] = int_exp(sc[t, l] - st[t, 0], q_ln2, q_b, q_c)
+                    st[t, 1] = st[t, 1] + sc[t, l]
+                inv[t] = T_.float64(1) / T_.Cast("float64", st[t, 1] * T_.int64(2))
+                for l in range(pos + t + 1):
+                    p32[t, l] = T_.Cast("int32", round_div_by(sc[t, l] * T_.int64(P), st[t, 1], inv[t]))
+                for c in T_.vectorized(d):
+                    o[t, h * d + c] = T_.int64(0)
+                for lb in range((pos + t + BL) // BL):
+                    for c in T_.vectorized(d):
+                        pv[t, c] = 0
+                    for l in T_.serial(lb * BL, T_.min(pos + t + 1, lb * BL + BL)):
+                        for c in T_.vectorized(d):
+                            pv[t, c] = pv[t, c] + p32[t, l] * T_.Cast("int32", vc[layer, l, h // rep, c])
+                    for c in T_.vectorized(d):
+                        o[t, h * d + c] = o[t, h * d + c] + T_.Cast(I64, pv[t, c])
+            st[t, 1] = T_.int64(0)
+            for i in range(HD):
+                o[t, i] = rshift_round(o[t, i] * om[i], osh[i])
+                st[t, 1] = T_.max(st[t, 1], T_.abs(o[t, i]))
+            amax[t, 0] = st[t, 1]
+            st[t, 1] = T_.max(st[t, 1], T_.int64(1))
+            inv[t] = T_.float64(1) / T_.Cast("float64", st[t, 1] * T_.int64(2))
+            for i in range(HD):
+                out8[t, i] = T_.Cast("int8", round_div_by(T_.int64(127) * o[t, i], st[t, 1], inv[t]))
+    return attn
+
+
 _SILU_ARGS = ("fshift", "q_ln2", "q_b", "q_c", "one", "shift_h")
 
 
@@ -437,14 +601,43 @@ def silu_mul_kernel(F: int):
     return _func([g, u, *consts, _silu_mul(g, u, T, F, consts)], parallel=["xe", "e", "h"])
 
 
-def silu_quant_kernel(F: int):
-    """Fast path: the gate|up matmul's output [T, 2F] -> SiLU(gate) * up -> per-token int8 (ffn_down's input)."""
-    from tvm import te
-    T = _rows()
-    gu = te.placeholder((T, 2 * F), I64, name="gu")
-    consts = [te.var(n, I64) for n in _SILU_ARGS]
-    q, amax = _quant(_silu_mul(gu, gu, T, F, consts, uc0=F), T, 1, F)
-    return _func([gu, *consts, q, amax], parallel=["h"])
+def silu_quant_kernel(F: int, T: int | None = None):
+    """Fast path: the gate|up matmul's output [T, 2F] -> SiLU(gate) * up -> per-token int8 (ffn_down's input).
+
+    Symbolic T (prefill): one row at a time (its SiLU, amax and int8 stay in cache), rows split over threads,
+    each step stored before the next reads it (one nested expression would repeat the exp many times).
+    T = 1 (decode): the TE stages, serially (measured faster for one row), as a parallel loop's thread wake-up
+    costs more than its ~15 us of work."""
+    from tvm import te, tirx
+    from tvm.script import tirx as T_
+    if T == 1:
+        gu = te.placeholder((1, 2 * F), I64, name="gu")
+        consts = [te.var(n, I64) for n in _SILU_ARGS]
+        return _func([gu, *consts, *_quant(_silu_mul(gu, gu, 1, F, consts, uc0=F), 1, 1, F)])
+    n = tirx.Var("T", "int32")
+
+    @T_.prim_func
+    def silu(gu: T_.Buffer((n, 2 * F), I64), fshift: T_.int64, q_ln2: T_.int64, q_b: T_.int64, q_c: T_.int64,
+             one: T_.int64, shift_h: T_.int64, q: T_.Buffer((n, F), "int8"), amax: T_.Buffer((n, 1), I64)):
+        T_.func_attr({"tir.noalias": True})
+        xe = T_.alloc_buffer((n, F), I64)
+        e = T_.alloc_buffer((n, F), I64)
+        h = T_.alloc_buffer((n, F), I64)
+        inv = T_.alloc_buffer((n,), "float64")
+        for t in T_.parallel(n):
+            amax[t, 0] = T_.int64(0)
+            for i in range(F):
+                xe[t, i] = rshift_round(gu[t, i], fshift)
+                e[t, i] = int_exp(-T_.abs(xe[t, i]), q_ln2, q_b, q_c)
+                e[t, i] = round_div(T_.Select(xe[t, i] >= T_.int64(0), one, e[t, i]) << T_.int64(SIG_F), one + e[t, i])
+                h[t, i] = rshift_round(gu[t, i] * e[t, i], SIG_F)
+                h[t, i] = rshift_round(h[t, i] * gu[t, F + i], shift_h)
+                amax[t, 0] = T_.max(amax[t, 0], T_.abs(h[t, i]))
+            top = T_.max(amax[t, 0], T_.int64(1))
+            inv[t] = T_.float64(1) / T_.Cast("float64", top * T_.int64(2))
+            for i in range(F):
+                q[t, i] = T_.Cast("int8", round_div_by(T_.int64(127) * h[t, i], top, inv[t]))
+    return silu
 
 
 def _residual(x, y, T, D: int):
@@ -481,8 +674,10 @@ def build_int_module(cfg: ModelConfig, qc: QuantConfig, tvm_target=None):
         funcs.update({names["norm_quant"]: norm_quant_kernel(cfg.dim, False),
                       names["res_norm_quant"]: norm_quant_kernel(cfg.dim, True),
                       names["qkv_post"]: qkv_post_kernel(cfg, qc.q_bits),
-                      names["attention_q8"]: attention_kernel(cfg, qc.prob_bits, qc.q_bits, quant=True),
-                      names["silu_quant"]: silu_quant_kernel(cfg.ffn_dim)})
+                      names["attention_q8"]: attention_rows_kernel(cfg, qc.prob_bits, qc.q_bits),
+                      names["attention_q8_t1"]: attention_rows_kernel(cfg, qc.prob_bits, qc.q_bits, 1),
+                      names["silu_quant"]: silu_quant_kernel(cfg.ffn_dim),
+                      names["silu_quant_t1"]: silu_quant_kernel(cfg.ffn_dim, 1)})
         for (r, c, b, T), n in names["mm"].items():
             funcs[n] = int_matmul_func(r, c, b, qc.group_size if b == 4 else None, target, T)
     else:
@@ -498,7 +693,8 @@ def build_int_module(cfg: ModelConfig, qc: QuantConfig, tvm_target=None):
         for K, n in names["static_quant"].items():
             funcs[n] = static_quant_kernel(K)
         for (N, K, kind), n in names["linear"].items():
-            funcs[n] = linear_kernel(N, K, qc if kind == "w4" else None)
+            funcs[n] = block_linear_kernel(N, K, qc, int(kind[1:])) if qc.act_block else \
+                linear_kernel(N, K, qc if kind == "w4" else None)
     return tvm.IRModule({n: f.with_attr("global_symbol", n) for n, f in funcs.items()})
 
 

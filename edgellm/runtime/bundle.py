@@ -10,10 +10,11 @@ Layout of BUNDLE_DIR (schema_version 1)::
     weights.bin            the weights, bytes as in the source model (quantized blocks kept)
     tokenizer.json         the `tokenizers` tokenizer, as Tokenizer.hf serializes it
     tokenizer_config.json  bos/eos/add_bos/chat_template (HF names) + an "edgellm" section with the
-                           llama.cpp token types, eog ids and flags the runtime Tokenizer needs
+                           llama.cpp token types, eog ids, flags and token texts the runtime Tokenizer needs
     kernels/, onnx/        added by the TVM and ONNX stages (listed in `files` like every other file)
     quant/model.npz        with `--quant w8a8|w4a8|w4a16|w8a16`: the integer model (runtime.intref.QuantizedModel
                            .save), run by backend "int"; the float weights stay in weights.bin for the others
+    .verified.json         not part of the bundle: written by the runtime after a full sha256 check (verify_files)
 
 manifest.json::
 
@@ -53,6 +54,7 @@ get() equals the source dequantized. Nothing is re-quantized and the bundle is n
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -99,6 +101,7 @@ def describe_quant(q: dict, sizes: bool = True) -> str:
         return str(q.get("scheme", "gguf-native"))
     mode = "integer-only" if q.get("integer_only") else "mixed"
     kv = ", int8 KV" if q.get("kv_int8") else ""
+    kv += f", {q['act']} int8 activations" if q.get("act", "dynamic") != "dynamic" else ""
     size = (f", {q.get('bits_per_weight', 0):.2f} bits/weight, {q.get('model_bytes', 0) / 2**20:.2f} MiB "
             f"({q['file']})") if sizes else ""
     return f"{q.get('label', q.get('scheme'))}, {mode}{kv}{size}"
@@ -140,11 +143,56 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     return manifest
 
 
-def verify_files(path: Path, manifest: dict) -> None:
-    """Size and sha256 of every file the manifest lists; the error names the first file that fails."""
+STAMP = ".verified.json"   # written after a full sha256 check; see verify_files
+
+
+def _stamp_paths(path: Path) -> Iterator[Path]:
+    """Where a bundle's verification stamp lives: inside the bundle, else (read-only bundle) in the user cache."""
+    yield path / STAMP
+    import platformdirs
+    key = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:32]
+    yield Path(os.environ.get("EDGELLM_CACHE") or platformdirs.user_cache_dir("edgellm")) / "verified" / f"{key}.json"
+
+
+def _identity(st: os.stat_result) -> list[int]:
+    """What any write to a file changes: size, mtime and ctime (the kernel sets ctime on every write and on
+    utime, so it cannot be put back), and inode/device (a copied bundle is a new file, checked in full again)."""
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+
+
+def _stamp_matches(stamp: Path, ids: dict[str, list[int]]) -> bool:
+    try:
+        return json.loads(stamp.read_text(encoding="utf-8")) == ids
+    except (OSError, ValueError):
+        return False
+
+
+def _write_stamp(path: Path, ids: dict[str, list[int]]) -> None:
+    for stamp in _stamp_paths(path):
+        tmp = stamp.with_name(f"{stamp.name}.{os.getpid()}.tmp")
+        try:
+            stamp.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(ids), encoding="utf-8")
+            os.replace(tmp, stamp)
+            return
+        except OSError:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+
+def verify_files(path: Path, manifest: dict, full: bool = False) -> None:
+    """Size and sha256 of every file the manifest lists; the error names the first file that fails.
+
+    Hashing ~200 MB costs 0.2-0.4 s per load, so after a full check passes a stamp records each file's
+    identity (_identity); a later load whose files all still match the stamp skips the hashing. Sizes are
+    always compared (a truncated file fails at once); any write to a file, a copied bundle, or `full=True`
+    means a full check again. Not covered once stamped: damage that bypasses the file system (bit rot) and,
+    on file systems without a change time (FAT), a same-size rewrite that puts the mtime back.
+    """
     files = manifest.get("files")
     if not isinstance(files, list) or not files:
         raise ModelFormatError(f"{path / MANIFEST} lists no files", RECOPY)
+    ids = {MANIFEST: _identity((path / MANIFEST).stat())}
     for entry in files:
         ok = isinstance(entry, dict) and isinstance(entry.get("path"), str) and isinstance(entry.get("bytes"), int) \
             and isinstance(entry.get("sha256"), str)
@@ -153,13 +201,18 @@ def verify_files(path: Path, manifest: dict) -> None:
         f = path / entry["path"]
         if not f.is_file():
             raise ModelFormatError(f"bundle file {entry['path']} is missing from {path}", RECOPY)
-        size = f.stat().st_size
+        ids[entry["path"]] = _identity(f.stat())
+        size = ids[entry["path"]][0]
         if size != entry["bytes"]:
             raise ModelFormatError(f"bundle file {entry['path']} has {size} bytes, the manifest says {entry['bytes']} "
                                    "(checksum check failed)", RECOPY)
-        if sha256_file(f) != entry["sha256"]:
+    if not full and any(_stamp_matches(stamp, ids) for stamp in _stamp_paths(path)):
+        return
+    for entry in files:
+        if sha256_file(path / entry["path"]) != entry["sha256"]:
             raise ModelFormatError(f"bundle file {entry['path']} fails its sha256 checksum (the file is damaged)",
                                    RECOPY)
+    _write_stamp(path, ids)
 
 
 def check_target(path: Path, manifest: dict) -> None:
@@ -330,30 +383,42 @@ class BundleStore(WeightStore):
 
 
 def _bundle_tokenizer(path: Path, manifest: dict):
-    """The runtime Tokenizer from tokenizer.json + the edgellm section of tokenizer_config.json."""
-    from tokenizers import Tokenizer as HFTokenizer
+    """The runtime Tokenizer from tokenizer_config.json (its edgellm section) + tokenizer.json.
 
+    tokenizer.json is parsed on first encode (building it costs 0.2-0.5 s); ids given directly and
+    token_bytes/decode need only the config, which lists every token's text (bundles written before it
+    did get the texts from tokenizer.json, also on first use).
+    """
     from .tokenizer import Tokenizer
     spec = manifest.get("tokenizer") or {}
     tj, tc = path / spec.get("file", "tokenizer.json"), path / spec.get("config", "tokenizer_config.json")
+
+    def unreadable(err):
+        return ModelFormatError(f"the bundle's tokenizer ({tj.name}, {tc.name}) cannot be read ({err})", RECOPY)
+
+    def build_hf():
+        from tokenizers import Tokenizer as HFTokenizer
+        try:
+            return HFTokenizer.from_file(str(tj))
+        except Exception as err:  # noqa: BLE001 - tokenizers raises plain Exception
+            raise unreadable(err) from None
+
     try:
-        hf = HFTokenizer.from_file(str(tj))
         config = json.loads(tc.read_text(encoding="utf-8"))
         e = config["edgellm"]
-    except Exception as err:  # noqa: BLE001 - tokenizers raises plain Exception
-        raise ModelFormatError(f"the bundle's tokenizer ({tj.name}, {tc.name}) cannot be read ({err})", RECOPY) from None
-    tokens = e.get("tokens")
-    if tokens is None:
-        vocab = hf.get_vocab(with_added_tokens=True)
-        tokens = [""] * e["vocab_size"]
-        for text, i in vocab.items():
-            tokens[i] = text
-    types = [1] * len(tokens)
-    for i, k in e.get("token_types", {}).items():
-        types[int(i)] = int(k)
-    tok = Tokenizer(hf, tokens, types, model=e["model"], byte_level=e["byte_level"], bos_id=e["bos_id"],
-                    eos_id=e["eos_id"], eog_ids=set(e["eog_ids"]), add_bos=e["add_bos"], add_eos=e["add_eos"],
-                    add_space_prefix=e["add_space_prefix"], chat_template=config.get("chat_template"))
+        n, tokens = int(e["vocab_size"]), e.get("tokens")
+        types = [1] * n
+        for i, k in e.get("token_types", {}).items():
+            types[int(i)] = int(k)
+        kw = {k: e[k] for k in ("model", "byte_level", "bos_id", "eos_id", "add_bos", "add_eos", "add_space_prefix")}
+        kw["eog_ids"] = set(e["eog_ids"])
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as err:
+        raise unreadable(err) from None
+    if tokens is not None and len(tokens) != n:
+        raise unreadable(f"the token list has {len(tokens)} entries, vocab_size is {n}")
+    if not tj.is_file():
+        raise unreadable(f"{tj.name} is missing")
+    tok = Tokenizer(build_hf, tokens, types, vocab_size=n, chat_template=config.get("chat_template"), **kw)
     rstrip = e.get("rstrip") or {}
     if rstrip:  # llama.cpp's RSTRIP tokens (Phi-3): restore the patterns the source tokenizer built
         import re
@@ -361,14 +426,16 @@ def _bundle_tokenizer(path: Path, manifest: dict):
     return tok
 
 
-def load_bundle(path: str | os.PathLike, *, verify: bool = True, allow_target_mismatch: bool = False) -> LoadedModel:
-    """Open a bundle directory: manifest checks, sha256 of every file, then mapped weights + tokenizer."""
+def load_bundle(path: str | os.PathLike, *, verify: bool = True, verify_full: bool = False,
+                allow_target_mismatch: bool = False) -> LoadedModel:
+    """Open a bundle directory: manifest checks, sha256 of every file (skipped while the verification stamp
+    matches, unless verify_full), then mapped weights + tokenizer."""
     path = Path(path)
     manifest = read_manifest(path)
     if not allow_target_mismatch:
         check_target(path, manifest)
     if verify:
-        verify_files(path, manifest)
+        verify_files(path, manifest, full=verify_full)
     try:
         cfg = ModelConfig.from_dict(manifest["model"])
         validate_config(cfg)

@@ -5,19 +5,132 @@ mode="mixed" keeps norms, softmax, SiLU and RoPE in float. Logits come back as f
 """
 from __future__ import annotations
 
+import ast
+import json
+import math
+import struct
 import zipfile
+from collections.abc import MutableMapping
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import ModelFormatError
 from .backend import Backend, _thread_limit
-from .intref import IntTransformer, QuantizedModel
+from .config import ModelConfig
+from .intref import IntTransformer, QuantConfig, QuantizedModel
 
 
-def load_quantized(path: str | Path) -> QuantizedModel:
-    """QuantizedModel.load with a clear error for a missing, truncated or foreign file."""
+class NpzTensors(MutableMapping):
+    """The arrays of an uncompressed .npz (QuantizedModel.save), each read from the file when asked for, or
+    straight into a caller's buffer (read_into): a backend that lays the weights out its own way then holds
+    one copy of them, never the whole file besides. Assigned arrays shadow the file's."""
+
+    def __init__(self, path: str | Path):
+        self.path, self._index, self._set = Path(path), {}, {}
+        parsed: dict[bytes, tuple] = {}                 # npy header text -> (shape, dtype): layers repeat them
+        with zipfile.ZipFile(self.path) as z, open(self.path, "rb") as f:
+            for info in z.infolist():
+                if info.compress_type != zipfile.ZIP_STORED or not info.filename.endswith(".npy"):
+                    raise ValueError(f"member {info.filename} is compressed or not an array")
+                f.seek(info.header_offset)
+                head = f.read(1024)
+                if head[:4] != b"PK\x03\x04":
+                    raise zipfile.BadZipFile(f"no local header for {info.filename}")
+                start = 30 + sum(struct.unpack("<HH", head[26:30]))           # data: after name and extra
+                npy = head[start:]
+                if npy[:6] != b"\x93NUMPY" or npy[6] not in (1, 2, 3):
+                    raise ValueError(f"member {info.filename} is not a .npy array")
+                skip = 10 if npy[6] == 1 else 12                              # magic, version, header length
+                hl = struct.unpack("<H" if skip == 10 else "<I", npy[8:skip])[0]
+                if len(npy) < skip + hl:
+                    f.seek(info.header_offset + start)
+                    npy = f.read(skip + hl)
+                text = npy[skip:skip + hl]
+                if text not in parsed:
+                    d = ast.literal_eval(text.decode("latin1"))
+                    dtype = np.lib.format.descr_to_dtype(d["descr"])
+                    if dtype.hasobject or (d["fortran_order"] and len(d["shape"]) > 1):
+                        raise ValueError(f"member {info.filename} is not a C-order numeric array")
+                    parsed[text] = (tuple(d["shape"]), dtype)
+                shape, dtype = parsed[text]
+                if skip + hl + math.prod(shape) * dtype.itemsize > info.file_size:
+                    raise ValueError(f"member {info.filename} is shorter than its array")
+                self._index[info.filename[:-4]] = (info.header_offset + start + skip + hl, shape, dtype)
+
+    def header(self, name: str) -> tuple[tuple, np.dtype]:
+        """(shape, dtype) without reading the data."""
+        if name in self._set:
+            return self._set[name].shape, self._set[name].dtype
+        return self._index[name][1:]
+
+    def read_into(self, name: str, out: np.ndarray) -> None:
+        """Fill C-contiguous `out` (the array's shape and dtype) from the file, with no intermediate copy."""
+        if name in self._set:
+            out[...] = self._set[name]
+            return
+        off, shape, dtype = self._index[name]
+        if out.shape != shape or out.dtype != dtype or not out.flags.c_contiguous:
+            raise ValueError(f"{name} is {dtype}{list(shape)}, not {out.dtype}{list(out.shape)}")
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(off)
+            if f.readinto(memoryview(out.reshape(-1)).cast("B")) != out.nbytes:
+                raise ModelFormatError(f"{self.path} ends inside tensor {name}", "re-copy the bundle")
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name in self._set:
+            return self._set[name]
+        shape, dtype = self._index[name][1:]
+        out = np.empty(shape, dtype)
+        self.read_into(name, out)
+        return out
+
+    def __contains__(self, name) -> bool:
+        return name in self._set or name in self._index
+
+    def __setitem__(self, name: str, a: np.ndarray) -> None:
+        self._set[name] = a
+
+    def __delitem__(self, name: str) -> None:
+        if name not in self:
+            raise KeyError(name)
+        self._set.pop(name, None)
+        self._index.pop(name, None)
+
+    def __iter__(self):
+        return iter(dict.fromkeys([*self._index, *self._set]))
+
+    def __len__(self) -> int:
+        return len(set(self._index) | set(self._set))
+
+
+def tensor_header(t, name: str) -> tuple[tuple, np.dtype]:
+    """(shape, dtype) of a tensor of a plain dict or an NpzTensors (which reads nothing)."""
+    if isinstance(t, NpzTensors):
+        return t.header(name)
+    return t[name].shape, t[name].dtype
+
+
+def read_into(t, name: str, out: np.ndarray) -> None:
+    """out[...] = t[name], straight from the file for an NpzTensors."""
+    if isinstance(t, NpzTensors):
+        t.read_into(name, out)
+    else:
+        out[...] = t[name]
+
+
+def load_quantized(path: str | Path, lazy: bool = False) -> QuantizedModel:
+    """QuantizedModel.load with a clear error for a missing, truncated or foreign file. lazy: its tensors are
+    an NpzTensors (read on use) when the file allows it (QuantizedModel.save writes uncompressed members)."""
     try:
+        if lazy:
+            try:
+                t = NpzTensors(path)
+            except ValueError:
+                return QuantizedModel.load(path)
+            meta = json.loads(bytes(t.pop("__meta__")).decode())
+            return QuantizedModel(ModelConfig.from_dict(meta["config"]), QuantConfig(**meta["qconfig"]), t,
+                                  meta["report"])
         return QuantizedModel.load(path)
     except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as e:
         raise ModelFormatError(f"{path} is not a readable quantized model ({type(e).__name__}: {e})",

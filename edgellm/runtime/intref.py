@@ -7,8 +7,10 @@ Two modes over the same quantized weights (a `QuantizedModel` made by `edgellm.c
   with dyadic multipliers m * 2^-s; RMSNorm uses an integer Newton square root, softmax and SiLU use I-BERT's
   integer exponential, RoPE uses Q15 sin/cos tables, and the residual stream is int32 with 2^-F scale chosen
   by calibration. Only the returned logits are converted to float, at the API boundary.
-  Linear inputs are int8 per token (act="dynamic"), or int8 with a calibrated per-tensor scale (act="static":
-  one compile-time dyadic multiplier from the fixed-point input format, saturating to [-127, 127]).
+  Linear inputs are int8 per token (act="dynamic"), int8 per block of ACT_BLOCK channels of a token
+  (act="block": llama.cpp's Q8_0 activations; an outlier channel then coarsens only its own block), or int8
+  with a calibrated per-tensor scale (act="static": one compile-time dyadic multiplier from the fixed-point
+  input format, saturating to [-127, 127]).
 
 Mixed precision (QuantConfig.max_bpw): a 4-bit model may keep some linears in int8 per output channel; such a
 linear carries `name.bits` = 8 in the tensors dict and every consumer here reads its width from there.
@@ -40,6 +42,8 @@ SCORE_F = 12        # fixed-point fraction bits of attention scores and exp inpu
 NORM_F = 14         # fraction bits of x / rms
 SIG_F = 16          # fraction bits of the integer sigmoid
 ATTN_F = 20         # fraction bits of the attention output (input of attn_output)
+ACT_BLOCK = 32      # act="block": channels per int8 activation scale
+ACT_MODES = ("dynamic", "block", "static")
 
 
 @dataclass
@@ -50,7 +54,8 @@ class QuantConfig:
     group_size: int | None = None     # w4 only: 32, 64 or 128 (None -> 64)
     symmetric: bool = True            # w4 only: symmetric (scale) or asymmetric (scale + zero point)
     zero: str = "int"                 # asymmetric w4: "int" 4-bit zero point, or "fp16" group minimum (as Q4_1)
-    act: str = "dynamic"              # int8 activations: "dynamic" per token, or "static" calibrated per tensor
+    act: str = "dynamic"              # int8 activations: "dynamic" per token, "block" per 32 channels of a token,
+    #                                   or "static" calibrated per tensor
     kv_int8: bool = False             # int8 KV cache (always on in integer-only mode)
     smooth: bool = True               # SmoothQuant / AWQ per-channel scale migration, searched per layer
     qk_smooth: bool = True            # balance q and k channel ranges (per RoPE pair) before int8 q/k/KV
@@ -85,8 +90,8 @@ class QuantConfig:
             raise EdgeLLMError("asymmetric weights are only offered for 4-bit schemes", "drop --asym for w8 schemes")
         if self.zero not in ("int", "fp16"):
             raise EdgeLLMError(f"unknown zero-point type {self.zero!r}", "choose zero='int' (4-bit) or zero='fp16'")
-        if self.act not in ("dynamic", "static"):
-            raise EdgeLLMError(f"unknown activation mode {self.act!r}", "choose act='dynamic' or act='static'")
+        if self.act not in ACT_MODES:
+            raise EdgeLLMError(f"unknown activation mode {self.act!r}", f"choose act from {', '.join(ACT_MODES)}")
         if self.prob_bits not in (8, 16):
             raise EdgeLLMError(f"prob_bits={self.prob_bits} is not supported", "choose 8 or 16")
         for k in ("q_bits", "v_bits"):
@@ -103,6 +108,11 @@ class QuantConfig:
                 raise EdgeLLMError(f"max_bpw={self.max_bpw} is below {self.base_bpw:g}, the bits per weight of "
                                    f"{self.label} with every matrix at 4 bits",
                                    f"pass max_bpw >= {self.base_bpw:g} (or a larger group size)")
+
+    @property
+    def act_block(self) -> int | None:
+        """Channels per activation scale for act="block", else None (one scale per token or per tensor)."""
+        return ACT_BLOCK if self.act == "block" else None
 
     @property
     def w_bits(self) -> int:
@@ -326,13 +336,14 @@ def requant(acc: np.ndarray, m: np.ndarray, s: np.ndarray, pre: int = 0) -> np.n
     return rshift_round(a * m, s - pre)
 
 
-def quant_dynamic(z: np.ndarray, qmax: int = 127) -> tuple[np.ndarray, np.ndarray]:
-    """Per-row quantization of integers z: q = round(qmax z / amax). Returns (q int8 (int16 if qmax > 127),
-    amax int64 [rows, 1])."""
+def quant_dynamic(z: np.ndarray, qmax: int = 127, block: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row (or per block of `block` columns) quantization of integers z: q = round(qmax z / amax).
+    Returns (q int8 (int16 if qmax > 127), amax int64 [rows, 1] or [rows, cols / block])."""
     z = np.asarray(z, dtype=np.int64)
-    amax = np.abs(z).max(axis=-1, keepdims=True)
-    q = round_div(qmax * z, np.maximum(amax, 1))
-    return q.astype(np.int8 if qmax <= 127 else np.int16), amax
+    zb = z if block is None else z.reshape(*z.shape[:-1], -1, block)
+    amax = np.abs(zb).max(axis=-1, keepdims=True)
+    q = round_div(qmax * zb, np.maximum(amax, 1)).reshape(z.shape)
+    return q.astype(np.int8 if qmax <= 127 else np.int16), amax if block is None else amax[..., 0]
 
 
 def int_matmul(a: np.ndarray, bt: np.ndarray, bound: float | None = None) -> np.ndarray:
@@ -429,10 +440,33 @@ def linear_io(t: dict, i: int, n: str) -> tuple[float, int]:
     return 2.0 ** -int(t[p + "int.F_h"]), int(t["int.F_res"])
 
 
-def _fp16_parts(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """fp16 values as exact (integer mantissa, exponent): a = mant * 2^e with |mant| <= 2^11 (load time)."""
+def _fp16_parts(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """fp16 values as exact (integer mantissa, exponent, lowest exponent): a = mant * 2^e with |mant| <= 2^11
+    (load time), and a is an integer multiple of 2^elow (e plus the mantissa's trailing zero bits)."""
     mant, e = np.frexp(a.astype(np.float64))
-    return np.rint(mant * 2048).astype(np.int64), e.astype(np.int64) - 11
+    m, e = np.rint(mant * 2048).astype(np.int64), e.astype(np.int64) - 11
+    low = np.where(m != 0, m & -m, 1)                     # lowest set bit: an exact power of two
+    return m, e, e + np.rint(np.log2(low.astype(np.float64))).astype(np.int64)
+
+
+def w4_group_scales(t: dict, name: str, qc: QuantConfig, max_shift: int = 20):
+    """The fp16 group scales (and fp16 group minima) of a w4 linear as integers in units of a row scale 2^base:
+    ([(mant, shift) for the scales (, the minima)], base [rows, 1]) with value = (mant << shift) * 2^base exactly,
+    shift >= 0. base is the largest exponent that keeps every non-zero value of the row an integer, so a
+    Q4_1-style minimum that is a multiple of its scale's ulp adds no smaller unit (and no larger shifts)."""
+    parts = [_fp16_parts(t[name + ".scale"])]
+    if not qc.symmetric and qc.zero == "fp16":
+        parts.append(_fp16_parts(t[name + ".min"]))
+    big = np.iinfo(np.int64).max
+    low = np.minimum.reduce([np.where(m != 0, el, big) for m, _, el in parts])
+    base = np.minimum(low.min(axis=1, keepdims=True), parts[0][1].max(axis=1, keepdims=True))
+    out = []
+    for m, e, _ in parts:
+        d = e - base                                      # d < 0 only where the value's trailing zeros allow it
+        out.append((np.where(d >= 0, m, m >> np.maximum(-d, 0)), np.where(m != 0, np.maximum(d, 0), 0)))
+    if max(int(sh.max(initial=0)) for _, sh in out) > max_shift:
+        raise EdgeLLMError(f"{name}: group scales span more than 2^{max_shift}", "re-quantize the model")
+    return out, base
 
 
 # --- integer linear layers -----------------------------------------------------------------------
@@ -449,43 +483,64 @@ class StaticConsts:
     cap: int
 
 
-@dataclass
 class IntLinear:
-    """An integer weight matrix w [out, in] (held as exact float64 for BLAS) and its per-row real scale."""
+    """An integer weight matrix w [out, in] (held as exact float64 for BLAS) and its per-row real scale.
 
-    w: np.ndarray
-    row_scale: np.ndarray      # real value of one unit of w in row j
-    acc_bits: int              # bits of the largest possible |accumulator| with int8 inputs
+    `w` may be given as a function that makes it: the matrix (8 bytes per weight) is then built on the first
+    matmul, so deriving the calibrated constants (row_scale, acc_bits) costs no expanded weights; backends
+    that keep their own weight layout (tvm-int) never build it."""
+
+    def __init__(self, w, row_scale: np.ndarray, acc_bits: int):
+        self._w = w
+        self.row_scale = row_scale     # real value of one unit of w in row j
+        self.acc_bits = acc_bits       # bits of the largest possible |accumulator| with int8 inputs
+
+    @property
+    def w(self) -> np.ndarray:
+        if callable(self._w):
+            self._w = self._w()
+        return self._w
 
     @classmethod
     def build(cls, t: dict, name: str, qc: QuantConfig, max_shift: int = 20) -> "IntLinear":
-        q, s, z = weight_codes(t, name, qc)
+        """w = the codes as integers (w8), or per group a * u + b for w4 codes u (_w4_affine); acc_bits from the
+        largest |w|, found without expanding the matrix: w is affine in the code within a group, so only groups
+        whose bound over all 16 codes could beat the best are read. w itself is made on first use, from t."""
+        q = t[name + ".q"]
         if linear_bits(t, name, qc) == 8:
-            w, row = q.astype(np.float64), s.astype(np.float64)
-        else:
-            # fp16 group scale = mant * 2^e exactly; expand (q - z) * mant << (e - e_row_min) to one int matrix
-            g = qc.group_size
-            mant, e = _fp16_parts(s)
-            fmin = z is not None and z.dtype == np.float16
-            if fmin:
-                mm, em = _fp16_parts(z)
-            big = np.iinfo(np.int64).max
-            e_live = np.where(mant != 0, e, big)
-            if fmin:
-                e_live = np.minimum(e_live, np.where(mm != 0, em, big))
-            base = np.minimum(e_live.min(axis=1, keepdims=True), e.max(axis=1, keepdims=True))
-            sh = e - base
-            qg = q.reshape(q.shape[0], -1, g).astype(np.int64)
-            if z is not None and not fmin:
-                qg = qg - z[..., None]
-            wi = (qg * mant[..., None]) << sh[..., None]
-            if fmin:
-                wi = wi + (mm << np.maximum(em - base, 0))[..., None]
-            if max(int(sh.max()), 0) > max_shift:
-                raise EdgeLLMError(f"{name}: group scales span more than 2^{max_shift}", "re-quantize the model")
-            w = wi.reshape(q.shape).astype(np.float64)
-            row = np.ldexp(1.0, base[:, 0]).astype(np.float64)
-        bound = 127.0 * np.abs(w).max(initial=1) * w.shape[1]
+            amax = max(int(q.max(initial=0)), -int(q.min(initial=0)))
+            return cls._checked(name, lambda: t[name + ".q"].astype(np.float64), t[name + ".scale"].astype(np.float64),
+                                amax, q.shape[1])
+        a, b, base = cls._w4_affine(t, name, qc, max_shift)
+        ub = np.maximum(np.abs(b), np.abs(15 * a + b))
+        groups = q.reshape(q.shape[0], -1, qc.group_size // 2)
+        exact = lambda sel: int(np.abs(a[sel][:, None] * unpack_int4(groups[sel]) + b[sel][:, None]).max(  # noqa: E731
+            initial=0))
+        amax = exact(ub == ub.max(initial=0))
+        amax = max(amax, exact(ub > amax))
+
+        def expand() -> np.ndarray:                   # holds nothing but t and the name until asked
+            a, b, _ = cls._w4_affine(t, name, qc, max_shift)
+            u = unpack_int4(t[name + ".q"])
+            wi = u.reshape(u.shape[0], -1, qc.group_size) * a[..., None] + b[..., None]
+            return wi.reshape(u.shape).astype(np.float64)
+        return cls._checked(name, expand, np.ldexp(1.0, base[:, 0]).astype(np.float64), amax, 2 * q.shape[1])
+
+    @staticmethod
+    def _w4_affine(t: dict, name: str, qc: QuantConfig, max_shift: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(a, b, base) of a w4 linear: w = a * u + b per group, integers, with u the stored code 0..15 and
+        a = the group scale in units of the row scale 2^base (w4_group_scales), b = -a * zero (8 when
+        symmetric) or the fp16 group minimum in the same units."""
+        ((mant, sh), *mins), base = w4_group_scales(t, name, qc, max_shift)
+        a = mant << sh
+        if mins:                                               # fp16 group minimum
+            return a, mins[0][0] << mins[0][1], base
+        return a, -a * (8 if qc.symmetric else t[name + ".zero"].astype(np.int64)), base
+
+    @classmethod
+    def _checked(cls, name: str, w, row: np.ndarray, amax: int, cols: int) -> "IntLinear":
+        """The linear, if int8 inputs times weights of magnitude <= amax keep every partial sum below 2^53."""
+        bound = 127.0 * float(max(amax, 1)) * cols
         if bound >= 2.0 ** 53:
             raise EdgeLLMError(f"{name}: integer accumulators could exceed 2^53", "re-quantize with clipping")
         return cls(w, row, int(math.ceil(math.log2(bound + 1))))
@@ -505,20 +560,27 @@ class IntLinear:
         m, s = dyadic(self.row_scale * act_scale * 2.0 ** out_f, 31)
         return StaticConsts(m, s, max(0, self.acc_bits - 31), int(m_in), int(s_in), cap)
 
-    def __call__(self, z: np.ndarray, consts) -> np.ndarray:
-        """z: integer activations [T, in]; int8 quantization (per token, or static), integer matmul, requant."""
+    def __call__(self, z: np.ndarray, consts, block: int | None = None) -> np.ndarray:
+        """z: integer activations [T, in]; int8 quantization (per token, per block of `block` channels, or
+        static), integer matmul, requant."""
         if isinstance(consts, StaticConsts):
             c = consts
             q = np.clip(rshift_round(np.clip(z, -c.cap, c.cap) * c.m_in, c.s_in), -127, 127).astype(np.int8)
             acc = _t("acc", int_matmul(_t("act8", q), self.w, bound=2.0 ** self.acc_bits))
             return _t("requant", requant(acc, c.m, c.s, c.pre))
         m, s, pre = consts
-        q, amax = quant_dynamic(z)
-        sa = np.maximum(bitlen(amax) - 16, 0)                 # keep amax to 16 significant bits
+        q, amax = quant_dynamic(z, block=block)
+        sa = np.maximum(bitlen(amax.max(axis=-1, keepdims=True)) - 16, 0)   # the token's amax to 16 bits
         a16 = rshift_round(amax, sa)
-        acc = _t("acc", int_matmul(q, self.w, bound=2.0 ** self.acc_bits))
-        prod = acc * a16                                      # < 2^(acc_bits + 16)
-        return _t("requant", requant(prod, m, s - sa, pre))
+        if block is None:
+            acc = _t("acc", int_matmul(q, self.w, bound=2.0 ** self.acc_bits))
+            prod = acc * a16                                  # < 2^(acc_bits + 16)
+        else:                                                 # sum_b a16_b (q_b . w_b), as two exact matmuls
+            qb = q.reshape(q.shape[0], -1, block).astype(np.int64)
+            hi, lo = (qb * (a16 >> 8)[..., None]).reshape(q.shape), (qb * (a16 & 255)[..., None]).reshape(q.shape)
+            bound = 2.0 ** (self.acc_bits + 8)
+            prod = (int_matmul(hi, self.w, bound=bound) << 8) + int_matmul(lo, self.w, bound=bound)
+        return _t("requant", requant(_t("acc", prod), m, s - sa, pre))
 
 
 # --- the forward passes --------------------------------------------------------------------------
@@ -545,14 +607,17 @@ class IntKVCache(KVCache):
         return self.k[layer, :end], self.kamax[layer, :end], self.v[layer, :end]
 
 
-def fake_quant_tokens(x: np.ndarray, scale: float | None = None) -> np.ndarray:
-    """Round activations to int8 and back: per token (dynamic) or with a calibrated per-tensor scale."""
+def fake_quant_tokens(x: np.ndarray, scale: float | None = None, block: int | None = None) -> np.ndarray:
+    """Round activations to int8 and back: per token (dynamic), per block of `block` channels of a token, or
+    with a calibrated per-tensor scale."""
+    shape = x.shape
     if scale is None:
+        x = x if block is None else x.reshape(*shape[:-1], -1, block)
         d = np.abs(x).max(axis=-1, keepdims=True) / np.float32(127)
         d = np.where(d == 0, np.float32(1), d)
     else:
         d = np.float32(scale)
-    return (np.clip(np.rint(x / d), -127, 127) * d).astype(np.float32)
+    return (np.clip(np.rint(x / d), -127, 127) * d).astype(np.float32).reshape(shape)
 
 
 class IntTransformer:
@@ -575,7 +640,7 @@ class IntTransformer:
         t, qc = self.qm.tensors, self.qc
         self.emb_q, self.emb_s = t["token_embd.q"], t["token_embd.scale"]
         hq, hs = t.get("output.q", self.emb_q), t.get("output.scale", self.emb_s)   # tied models share the table
-        head = IntLinear(hq.astype(np.float64), hs.astype(np.float64),
+        head = IntLinear(lambda: hq.astype(np.float64), hs.astype(np.float64),
                          int(math.ceil(math.log2(127.0 * 127 * self.cfg.dim + 1))))
         if self.mode == "mixed":
             self.w = {n: dequantize_linear(t, n, qc) for n in self.qm.linear_names()}
@@ -601,7 +666,7 @@ class IntTransformer:
     def _lin(self, x: np.ndarray, name: str) -> np.ndarray:
         if self.qc.a_bits == 8:
             st = self.qm.tensors.get(name + ".act_scale") if self.qc.act == "static" else None
-            x = fake_quant_tokens(x, None if st is None else float(st))
+            x = fake_quant_tokens(x, None if st is None else float(st), self.qc.act_block)
         return x @ self.w[name].T
 
     def _forward_mixed(self, tokens, pos, kv, all_logits):
@@ -628,7 +693,7 @@ class IntTransformer:
         if not all_logits:
             x = x[-1:]
         h = rms_norm(x, t["output_norm.weight"], c.norm_eps)
-        return fake_quant_tokens(h) @ self.w["head"].T
+        return fake_quant_tokens(h, block=self.qc.act_block) @ self.w["head"].T
 
     # integer ------------------------------------------------------------------------------------
     def _prepare_integer(self, head: IntLinear) -> None:
@@ -678,7 +743,7 @@ class IntTransformer:
     def _forward_int(self, tokens, pos, kv: IntKVCache, all_logits):
         """Integer-only forward: int64 logits at scale 2^-F_logit."""
         self.prepare()
-        c = self.cfg
+        c, blk = self.cfg, self.qc.act_block
         T = len(tokens)
         if not hasattr(self, "_rope") or self._rope[0].shape[0] < kv.n_ctx:
             self._rope = rope_q15(c, kv.n_ctx)
@@ -688,9 +753,9 @@ class IntTransformer:
         lim = np.int64((1 << 31) - 1)
         for i, L in enumerate(self.layers):
             h = self._int_norm(x, L["g1"])
-            q = L["attn_q"](h, L["c_attn_q"]).reshape(T, c.n_heads, c.head_dim)
-            k = L["attn_k"](h, L["c_attn_k"]).reshape(T, c.n_kv_heads, c.head_dim)
-            v = L["attn_v"](h, L["c_attn_v"]).reshape(T, c.n_kv_heads, c.head_dim)
+            q = L["attn_q"](h, L["c_attn_q"], blk).reshape(T, c.n_heads, c.head_dim)
+            k = L["attn_k"](h, L["c_attn_k"], blk).reshape(T, c.n_kv_heads, c.head_dim)
+            v = L["attn_v"](h, L["c_attn_v"], blk).reshape(T, c.n_kv_heads, c.head_dim)
             q = _t("rope_q", int_rope(q, cos, sin, c.rope_neox, c.rope_dim))
             k = _t("rope_k", int_rope(k, cos, sin, c.rope_neox, c.rope_dim))
             q8, qa = quant_dynamic(q, (1 << (self.qc.q_bits - 1)) - 1)
@@ -699,16 +764,16 @@ class IntTransformer:
             v8 = v8.astype(np.int8 if self.v_max == 127 else np.int16)
             keys, kamax, values = kv.update_int(i, pos, k8, ka[..., 0], v8.reshape(T, c.n_kv_heads, c.head_dim))
             a = self._int_attention(q8, qa[..., 0], keys, kamax, values, pos, L)
-            x = np.clip(x + L["attn_output"](a, L["c_attn_output"]), -lim, lim)
+            x = np.clip(x + L["attn_output"](a, L["c_attn_output"], blk), -lim, lim)
             h = self._int_norm(x, L["g2"])
-            g = L["ffn_gate"](h, L["c_ffn_gate"])
-            u = L["ffn_up"](h, L["c_ffn_up"])
+            g = L["ffn_gate"](h, L["c_ffn_gate"], blk)
+            u = L["ffn_up"](h, L["c_ffn_up"], blk)
             hh = _t("silu_mul", rshift_round(int_silu(g, L["fg"]) * u, L["shift_h"]))
-            x = _t("residual", np.clip(x + L["ffn_down"](hh, L["c_ffn_down"]), -lim, lim))
+            x = _t("residual", np.clip(x + L["ffn_down"](hh, L["c_ffn_down"], blk), -lim, lim))
         if not all_logits:
             x = x[-1:]
         h = self._int_norm(x, self.g_out)
-        return _t("logits", self.head(h, self.c_head))
+        return _t("logits", self.head(h, self.c_head, blk))
 
     def _int_attention(self, q8, qa, k8, ka, v8, pos, L):
         """Causal GQA attention on int8 q/k/v: integer scores, integer softmax, integer P @ V, per-channel requant."""

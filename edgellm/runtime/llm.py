@@ -4,12 +4,10 @@ from __future__ import annotations
 import codecs
 import os
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Iterator
 
 import numpy as np
-import psutil
 
 from ..errors import EdgeLLMError
 from .backend import make_backend
@@ -70,6 +68,7 @@ def _cut_at_stop(text: str, stops: list[str], final: bool = False) -> tuple[str,
 
 
 def _physical_cores() -> int:
+    import psutil  # only when threads is not given: importing it costs 20-50 ms of load time
     return psutil.cpu_count(logical=False) or os.cpu_count() or 1
 
 
@@ -252,6 +251,7 @@ class LLM:
 
     def create_chat_completion(self, messages: list[dict], stream: bool = False, max_tokens: int = 512, **gen):
         """OpenAI chat.completion dict (or an iterator of chat.completion.chunk dicts with stream=True)."""
+        import uuid
         ids = self.apply_chat_template(messages)
         meta = {"id": "chatcmpl-" + uuid.uuid4().hex[:24], "created": int(time.time()),
                 "model": self.config.name or self.path.name}

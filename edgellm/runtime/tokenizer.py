@@ -21,12 +21,12 @@ import threading
 import warnings
 from enum import IntEnum
 from pathlib import Path
-from typing import Any, Iterable, Sequence
-
-from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
-from tokenizers import Tokenizer as HFTokenizer
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 from ..errors import ModelFormatError, UnsupportedModelError
+
+if TYPE_CHECKING:  # `tokenizers` is imported where a tokenizer is built: a bundle defers that to the first encode
+    from tokenizers import Tokenizer as HFTokenizer
 
 
 class TokenType(IntEnum):
@@ -153,14 +153,19 @@ _BYTE_DECODER = {c: b for b, c in _bytes_to_unicode().items()}
 
 
 class Tokenizer:
-    """Text <-> token ids with llama.cpp's rules; wraps a `tokenizers.Tokenizer`."""
+    """Text <-> token ids with llama.cpp's rules; wraps a `tokenizers.Tokenizer`.
 
-    def __init__(self, hf: HFTokenizer, tokens: list[str], token_types: list[int], *, model: str, byte_level: bool,
-                 bos_id: int | None, eos_id: int | None, eog_ids: set[int], add_bos: bool, add_eos: bool,
-                 add_space_prefix: bool = False, chat_template: str | None = None):
-        self.hf = hf
+    `hf` may be a function that builds it, called on first use, and `tokens` None (read from it then):
+    a bundle's tokenizer costs nothing until text is encoded.
+    """
+
+    def __init__(self, hf: HFTokenizer | Callable[[], HFTokenizer], tokens: list[str] | None, token_types: list[int],
+                 *, model: str, byte_level: bool, bos_id: int | None, eos_id: int | None, eog_ids: set[int],
+                 add_bos: bool, add_eos: bool, add_space_prefix: bool = False, chat_template: str | None = None,
+                 vocab_size: int | None = None):
+        self._hf, self._build_hf = (None, hf) if callable(hf) else (hf, None)
+        self._tokens = tokens
         self.model = model  # "gpt2" / "llama" (GGUF tokenizer.ggml.model) or the tokenizer.json model type
-        self.tokens = tokens
         self.token_types = token_types
         self.byte_level = byte_level
         self.bos_id = bos_id
@@ -169,11 +174,30 @@ class Tokenizer:
         self.add_bos = add_bos
         self.add_eos = add_eos
         self.add_space_prefix = add_space_prefix
-        self.vocab_size = len(tokens)
+        self.vocab_size = len(tokens) if vocab_size is None else vocab_size
         self.chat_template = chat_template
         self._pieces: dict[int, bytes] = {}
         self._lock = threading.Lock()  # encode_special_tokens is a setting of the shared hf object
         self._rstrip: dict[bool, re.Pattern | None] = {True: None, False: None}
+
+    @property
+    def hf(self) -> HFTokenizer:
+        if self._hf is None:
+            with self._lock:
+                if self._hf is None:
+                    self._hf = self._build_hf()
+        return self._hf
+
+    @property
+    def tokens(self) -> list[str]:
+        """Every token's text by id ("" for an id the tokenizer lacks)."""
+        if self._tokens is None:
+            tokens = [""] * self.vocab_size
+            for text, i in self.hf.get_vocab(with_added_tokens=True).items():
+                if 0 <= i < self.vocab_size:
+                    tokens[i] = text
+            self._tokens = tokens
+        return self._tokens
 
     def _set_rstrip(self, ids: set[int]) -> None:
         """Tokens that swallow the ASCII whitespace after them (C isspace, as llama.cpp's RSTRIP attribute).
@@ -235,6 +259,7 @@ class Tokenizer:
         eog = _eog_ids(tokens, types, eos, ids)
         _add_special_tokens(hf, tokens, types)
         if add_bos and bos is not None:
+            from tokenizers import processors
             hf.post_processor = processors.TemplateProcessing(single=f"{tokens[bos]} $A",
                                                               pair=f"{tokens[bos]} $A {tokens[bos]} $B",
                                                               special_tokens=[(tokens[bos], bos)])
@@ -247,6 +272,7 @@ class Tokenizer:
     @classmethod
     def from_hf_dir(cls, path) -> "Tokenizer":
         """Load tokenizer.json (+ tokenizer_config.json, generation_config.json) of a Hugging Face model."""
+        from tokenizers import Tokenizer as HFTokenizer
         path = Path(path)
         tj = path / "tokenizer.json"
         if not tj.is_file():
@@ -312,9 +338,10 @@ class Tokenizer:
         strip = self._rstrip[bool(special)]
         if strip is not None:
             text = strip.sub(r"\1", text)
+        hf = self.hf
         with self._lock:
-            self.hf.encode_special_tokens = not special
-            ids = self.hf.encode(text, add_special_tokens=False).ids if text else []
+            hf.encode_special_tokens = not special
+            ids = hf.encode(text, add_special_tokens=False).ids if text else []
         if add_bos is None:
             add_bos = self.add_bos
         if add_bos and self.bos_id is not None:
@@ -376,6 +403,7 @@ class Tokenizer:
 
 
 def _build_bpe(tokens: list[str], merges: Sequence[str], regexes: Sequence[str], ignore_merges: bool) -> HFTokenizer:
+    from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
     vocab = {t: i for i, t in enumerate(tokens)}
     pairs = []
     for m in merges:
@@ -396,6 +424,7 @@ def _build_bpe(tokens: list[str], merges: Sequence[str], regexes: Sequence[str],
 
 def _build_spm(tokens: list[str], scores: list[float], types: list[int], add_space_prefix: bool) -> HFTokenizer:
     """llama.cpp's SPM merge as a BPE: merge (a, b) -> a+b whenever all three are tokens, best score first."""
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, normalizers
     vocab = {t: i for i, t in enumerate(tokens)}
     ranked = []
     for t, i in vocab.items():
@@ -417,6 +446,7 @@ def _build_spm(tokens: list[str], scores: list[float], types: list[int], add_spa
 
 def _add_special_tokens(hf: HFTokenizer, tokens: list[str], types: list[int]) -> None:
     """Control/unknown -> special (parse_special only), user-defined -> always split out, as llama.cpp."""
+    from tokenizers import AddedToken
     special, user = [], []
     for i, k in enumerate(types):
         if k in (TokenType.CONTROL, TokenType.UNKNOWN):

@@ -263,8 +263,11 @@ class TvmBackend(LibraryBackend):
         TVM's pool sizes itself from TVM_NUM_THREADS when the process first runs a parallel kernel (and on
         x86 otherwise assumes hyper-threading and uses half the CPUs), so set it before that, then configure.
         """
-        import psutil
-        n = int(self.threads or psutil.cpu_count(logical=False) or os.cpu_count() or 1)
+        n = self.threads
+        if not n:
+            import psutil
+            n = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+        n = int(n)
         os.environ["TVM_NUM_THREADS"] = str(n)
         ffi.get_global_func("runtime.config_threadpool")(1, n)   # 1 = kBig: all cores of the big cluster
         self.threads_used = int(ffi.get_global_func("runtime.NumThreads")())

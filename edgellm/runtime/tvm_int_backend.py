@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections import ChainMap
 from pathlib import Path
 
 import numpy as np
@@ -24,12 +25,13 @@ import numpy as np
 from ..errors import EdgeLLMError
 from .backend import Backend
 from .config import ModelConfig
+from .int_backend import load_quantized, read_into, tensor_header
 from .intref import (LINEARS, SCORE_F, IntKVCache, IntTransformer, QuantConfig, QuantizedModel, StaticConsts,
-                     _fp16_parts, exp_consts, linear_bits, rope_q15)
+                     exp_consts, linear_bits, rope_q15, w4_group_scales)
 from .tvm_backend import Buffer, TvmBackend, TvmKVCache, _runtime, aligned_empty
 
 INT_LIBRARY = "kernels/int.so"     # where a bundle keeps the integer kernels
-INT_KERNEL_ABI = 2                 # bump when a kernel's arguments or semantics change
+INT_KERNEL_ABI = 3                 # bump when a kernel's arguments or semantics change
 
 
 def linear_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
@@ -80,8 +82,8 @@ def int_kernel_names(cfg: ModelConfig, qc: QuantConfig) -> dict:
     Fast path (fast_path(cfg, qc)): "mm" maps (rows, cols, bits, T) -> name, T = 1 (decode) or None (any T);
     fused kernels "norm_quant" (RMSNorm + int8), "res_norm_quant" (residual add + RMSNorm + int8),
     "qkv_post" (RoPE + int8 q / k, v to the cache scale), "attention_q8" (attention + int8),
-    "silu_quant" (SiLU * up + int8). Generic path: "linear" maps (N, K, "w8" | "w4") -> name (the head is
-    w8; mixed-precision w4 schemes also get w8 blocks); "quant" maps (groups, width, qmax) -> name;
+    "silu_quant" (SiLU * up + int8); "_t1" names: the same for one row (decode, serial kernels). Generic path:
+    "linear" maps (N, K, "w8" | "w4") -> name (the head is w8; mixed-precision w4 schemes also get w8 blocks); "quant" maps (groups, width, qmax) -> name;
     "static_quant" maps width -> name (act="static" only). Every kernel takes T rows (T symbolic unless
     named); attention and RoPE take the context length from their tables.
     """
@@ -94,11 +96,13 @@ def int_kernel_names(cfg: ModelConfig, qc: QuantConfig) -> dict:
         return {**base, "fast": True, "mm": dict(sorted(mm.items(), key=lambda kv: kv[1])),
                 "norm_quant": f"int_norm_quant_{cfg.dim}", "res_norm_quant": f"int_res_norm_quant_{cfg.dim}",
                 "qkv_post": f"int_qkv_post_{qd}_{kvd}", "attention_q8": "int_attention_q8",
-                "silu_quant": f"int_silu_quant_{cfg.ffn_dim}"}
+                "attention_q8_t1": "int_attention_q8_t1",
+                "silu_quant": f"int_silu_quant_{cfg.ffn_dim}", "silu_quant_t1": f"int_silu_quant_{cfg.ffn_dim}_t1"}
     kinds = {4: ("w4",) if qc.max_bpw is None else ("w4", "w8"), 8: ("w8",)}[qc.w_bits]
     linear = {(n, k, kind) for n, k in linear_shapes(cfg).values() for kind in kinds} | {(cfg.vocab_size, cfg.dim, "w8")}
     widths = {cfg.dim, qd, cfg.ffn_dim}
-    quant = {(1, k, 127) for k in widths} | {(cfg.n_heads, cfg.head_dim, (1 << (qc.q_bits - 1)) - 1),
+    B = qc.act_block                            # act="block": one amax per B channels of a linear input
+    quant = {(k // B, B, 127) if B else (1, k, 127) for k in widths} | {(cfg.n_heads, cfg.head_dim, (1 << (qc.q_bits - 1)) - 1),
                                              (cfg.n_kv_heads, cfg.head_dim, 127)}
     return {**base, "fast": False, "norm": f"int_norm_{cfg.dim}",
             "quant": {s: f"int_quant{'' if s[2] == 127 else 16}_{s[0]}x{s[1]}" for s in sorted(quant)},
@@ -113,22 +117,15 @@ def w4_group_terms(t: dict, name: str, qc: QuantConfig) -> list[np.ndarray]:
     """[zero int8, mant int16, shift int8 (, min mant int16, min shift int8)], each [N, K/g], of an int4 linear.
 
     The group-factored form of IntLinear.build's expansion: w[n, k in group j] = (u - z) * (mant << shift)
-    (+ (min_mant << min_shift) for fp16 group minima), shifts relative to the row's smallest live exponent,
+    (+ (min_mant << min_shift) for fp16 group minima) in units of the row scale (intref.w4_group_scales),
     so the kernel keeps 4-bit codes and 3-5 bytes per group instead of an expanded matrix."""
-    mant, e = _fp16_parts(t[name + ".scale"])
-    fmin = not qc.symmetric and qc.zero == "fp16"
-    big = np.iinfo(np.int64).max
-    e_live = np.where(mant != 0, e, big)
-    if fmin:
-        mm, em = _fp16_parts(t[name + ".min"])
-        e_live = np.minimum(e_live, np.where(mm != 0, em, big))
-    base = np.minimum(e_live.min(axis=1, keepdims=True), e.max(axis=1, keepdims=True))
-    parts = lambda mt, ex: [mt.astype(np.int16), np.where(mt != 0, np.maximum(ex - base, 0), 0).astype(np.int8)]  # noqa: E731
+    pairs, _ = w4_group_scales(t, name, qc, MAX_SHIFT)
+    shape = pairs[0][0].shape
     if qc.symmetric:
-        z = np.full(mant.shape, 8, np.int8)
+        z = np.full(shape, 8, np.int8)
     else:
-        z = np.zeros(mant.shape, np.int8) if fmin else t[name + ".zero"].astype(np.int8)
-    return [z, *parts(mant, e), *(parts(mm, em) if fmin else [])]
+        z = np.zeros(shape, np.int8) if len(pairs) > 1 else t[name + ".zero"].astype(np.int8)
+    return [z] + [a for m, sh in pairs for a in (m.astype(np.int16), sh.astype(np.int8))]
 
 
 def linear_weights(t: dict, name: str, qc: QuantConfig) -> list[np.ndarray]:
@@ -147,24 +144,29 @@ def matmul_weights(t: dict, name: str, qc: QuantConfig) -> tuple[np.ndarray, ...
     q = t[name + ".q"]
     if q.dtype == np.int8:
         return (np.ascontiguousarray(q),)
+    return (np.ascontiguousarray(q, dtype=np.uint8), matmul_scale(t, name, qc))
+
+
+def matmul_scale(t: dict, name: str, qc: QuantConfig) -> np.ndarray:
+    """The fast matmul's per-group float64 scale [N, K/g] of a w4 linear (see matmul_weights)."""
     if not qc.symmetric:
         raise EdgeLLMError(f"{name}: the integer matmul kernels take symmetric w4 weights only",
                            "quantize with symmetric groups (drop --asym) for the compiled integer path")
     z, mant, sh = w4_group_terms(t, name, qc)
-    if int(sh.max(initial=0)) > MAX_SHIFT:
-        raise EdgeLLMError(f"{name}: group scales span more than 2^{MAX_SHIFT}", "re-quantize the model")
-    return (np.ascontiguousarray(q, dtype=np.uint8), np.ldexp(mant.astype(np.float64), sh.astype(np.int64)))
+    return np.ldexp(mant.astype(np.float64), sh.astype(np.int64))
 
 
-def int_buffer(shape_or_array, dtype=None) -> Buffer:
-    """A Buffer (aligned numpy + TVM tensor, same memory) of any dtype, zeroed or holding a copy of an array."""
+def int_buffer(shape_or_array, dtype=None, fill: bool = True) -> Buffer:
+    """A Buffer (aligned numpy + TVM tensor, same memory) of any dtype, zeroed (fill=False: left for the caller
+    to fill) or holding a copy of an array."""
     b = Buffer.__new__(Buffer)
     if isinstance(shape_or_array, np.ndarray):
         b.np = aligned_empty(shape_or_array.shape, dtype or shape_or_array.dtype)
         b.np[...] = shape_or_array
     else:
         b.np = aligned_empty(shape_or_array, dtype)
-        b.np[...] = 0
+        if fill:
+            b.np[...] = 0
     b.t = _runtime().from_dlpack(b.np)
     b._rows = {}
     return b
@@ -195,9 +197,9 @@ class TvmIntBackend(TvmBackend):
     def __init__(self, qmodel: QuantizedModel | str | Path, library: str | os.PathLike, threads: int | None = None,
                  chunk: int = 32, profile: bool = False):
         if not isinstance(qmodel, QuantizedModel):
-            qmodel = QuantizedModel.load(qmodel)
+            qmodel = load_quantized(qmodel, lazy=True)    # tensors read on use: prepare copies each once
         self.qmodel, self.qc = qmodel, qmodel.qconfig
-        self.ref = IntTransformer(qmodel, "integer")      # refuses weight-only schemes with a clear error
+        IntTransformer(qmodel, "integer")                  # refuses weight-only schemes with a clear error
         self.profile = {} if profile else None
         super().__init__(qmodel.config, None, library, threads, chunk)
 
@@ -227,6 +229,30 @@ class TvmIntBackend(TvmBackend):
                 "s": int_buffer(np.asarray(s, np.int64).reshape(-1)).t, "pre": int(pre), "_keep": keep,
                 "static": (int(consts.cap), int(consts.m_in), int(consts.s_in)) if static else None}
 
+    @staticmethod
+    def _parts(names: list[str], bits: list[int]) -> list[tuple[tuple[str, ...], int]]:
+        """The fast matmuls of linears sharing an input: one over all when their widths agree, else one each."""
+        return [(tuple(names), bits[0])] if len(set(bits)) == 1 else [((n,), b) for n, b in zip(names, bits)]
+
+    def _read_codes(self) -> dict[str, np.ndarray]:
+        """The fast path's weight codes read once, straight into kernel buffers: each fused matmul's members
+        row after row (no concatenation copy), and the int8 embedding table, which a tied head shares.
+        Returns each stored `.q` as a view of those buffers, for intref's constants."""
+        c, qc, t = self.cfg, self.qc, self.qmodel.tensors
+        self._codes, views = {}, {}
+        groups = [[f"blk.{i}.{n}.weight" for n in members] for i in range(c.n_layers) for members in FUSED.values()]
+        for ns, _ in [p for g in groups for p in self._parts(g, [linear_bits(t, n, qc) for n in g])] + \
+                [(("token_embd",), 8)] + ([(("output",), 8)] if "output.q" in t else []):
+            heads = [tensor_header(t, n + ".q") for n in ns]
+            buf = int_buffer((sum(h[0][0] for h in heads), heads[0][0][1]), heads[0][1], fill=False)
+            r = 0
+            for n, (shape, _) in zip(ns, heads):
+                views[n + ".q"] = buf.np[r:r + shape[0]]
+                read_into(t, n + ".q", views[n + ".q"])
+                r += shape[0]
+            self._codes[ns] = buf
+        return views
+
     def prepare(self) -> None:
         """Take intref's calibrated constants, lay the weights out for the kernels, allocate activations."""
         if self._ready:
@@ -239,15 +265,17 @@ class TvmIntBackend(TvmBackend):
         except Exception:  # noqa: BLE001
             raise EdgeLLMError(f"kernel library {self.library} was not compiled for this model and scheme "
                                f"(no {names['signature']})", "recompile: edgellm.compiler.tvm_int.build_int_kernels")
-        ref = self.ref
+        self.fast = names["fast"]
+        views = self._read_codes() if self.fast else {}
+        ref = IntTransformer(QuantizedModel(c, qc, ChainMap(views, t)), "integer")   # constants: no float weights
         ref.prepare()
         self.f_logit = int(t["int.F_logit"])
-        self.emb = {"table": int_buffer(ref.emb_q).t, "m": int_buffer(ref.emb_m.astype(np.int64)).t,
+        table = self._codes[("token_embd",)] if self.fast else int_buffer(ref.emb_q)
+        self.emb = {"table": table.t, "m": int_buffer(ref.emb_m.astype(np.int64)).t,
                     "sh": int_buffer(ref.emb_sh.astype(np.int64)).t}
         self.eps_q = int(ref.eps_q)
         self.q_max = (1 << (qc.q_bits - 1)) - 1
         self.g_out = int_buffer(ref.g_out.astype(np.int64)).t
-        self.fast = names["fast"]
         self.layers = []
         for i, L in enumerate(ref.layers):
             fg = int(L["fg"])
@@ -259,15 +287,17 @@ class TvmIntBackend(TvmBackend):
                 "om": int_buffer(L["om"].astype(np.int64)).t, "osh": int_buffer(L["osh"].astype(np.int64)).t,
                 "sc": tuple(int(v) for v in L["sc"]), "silu": (fg - fe, q_ln2, q_b, q_c, one, int(L["shift_h"]))})
         (self._prepare_fast if self.fast else self._prepare_generic)(names, ref)
-        self.ref = None                                     # frees intref's expanded float64 weights
+        self._codes = {}
         self._views: dict[int, dict] = {}
         self._rope_n = 0
         self._ready = True
 
     def _acts(self, spec: dict) -> None:
-        """Activation buffers: name -> (rows (None: the chunk), width (None: one dimension), dtype)."""
+        """Activation buffers: name -> (rows (None: the chunk), width (None: one dimension), dtype). Not zeroed:
+        kernels write rows before reading them, so rows no chunk reaches (most of the chunk x vocab logits when
+        only the last row's are asked for) never take memory."""
         R = self.chunk
-        self.acts = {n: int_buffer((R if rows is None else rows,) + (() if w is None else (w,)), dt)
+        self.acts = {n: int_buffer((R if rows is None else rows,) + (() if w is None else (w,)), dt, fill=False)
                      for n, (rows, w, dt) in spec.items()}
 
     def _prepare_generic(self, names: dict, ref) -> None:
@@ -305,22 +335,27 @@ class TvmIntBackend(TvmBackend):
                     "logits": (None, c.vocab_size, i64)})
         self.acts["ones"].np[:] = 1                                       # amax of static int8 inputs
         self.lin8 = {K: int_buffer((self.chunk, K), i8) for K in {D, qd, Fd}}   # int8 inputs of the linears
+        if qc.act_block:                                                  # their per-block amax (act="block")
+            self.amax_blocks = {K: int_buffer((self.chunk, K // qc.act_block), i64) for K in {D, qd, Fd}}
 
     def _matmuls(self, mm: dict, names: list[str], consts: list, bits: list[int]) -> dict:
         """The fast matmul call(s) of linears sharing an input: one over their concatenated rows when their
         widths agree (requant constants are per row, so this is exact), else one each (mixed precision)."""
         t, qc = self.qmodel.tensors, self.qc
-        parts = [(names, consts, bits[0])] if len(set(bits)) == 1 else \
-            [([n], [cs], b) for n, cs, b in zip(names, consts, bits)]
+        by_name = dict(zip(names, consts))
         out, col = [], 0
-        for ns, cs, b in parts:
-            w = [np.concatenate(a) for a in zip(*(matmul_weights(t, n, qc) for n in ns))]
+        for ns, b in self._parts(names, bits):
+            cs = [by_name[n] for n in ns]
+            w = [self._codes[ns]]                           # codes read by _read_codes
+            if b == 4:
+                w.append(int_buffer((len(w[0].np), w[0].np.shape[1] * 2 // qc.group_size), np.float64, fill=False))
+                np.concatenate([matmul_scale(t, n, qc) for n in ns], out=w[1].np)
             m = np.concatenate([np.asarray(c[0], np.int64).reshape(-1) for c in cs])
             s = np.concatenate([np.asarray(c[1], np.int64).reshape(-1) for c in cs])
             pre = np.concatenate([np.full(np.size(c[0]), int(c[2]), np.int64) for c in cs])
             rows = len(m)
-            K = w[0].shape[1] * (2 if b == 4 else 1)
-            keep = [int_buffer(np.ascontiguousarray(a)) for a in (*w, m, s, pre)]
+            K = w[0].np.shape[1] * (2 if b == 4 else 1)
+            keep = w + [int_buffer(a) for a in (m, s, pre)]
             out.append({"fn1": mm[(rows, K, b, 1)], "fnT": mm[(rows, K, b, None)], "w": [k.t for k in keep[:-3]],
                         "c": [k.t for k in keep[-3:]],
                         "cols": (col, col + rows), "_keep": keep})
@@ -332,7 +367,8 @@ class TvmIntBackend(TvmBackend):
         c, qc, t = self.cfg, self.qc, self.qmodel.tensors
         mm = {key: self._fn(n) for key, n in names["mm"].items()}
         self.k = {key: self._fn(names[key]) for key in ("embed", "norm_quant", "res_norm_quant", "qkv_post",
-                                                        "attention_q8", "silu_quant")}
+                                                        "attention_q8", "silu_quant", "silu_quant_t1",
+                                                        "attention_q8_t1")}
         for i, (L, layer) in enumerate(zip(ref.layers, self.layers)):
             for group, members in FUSED.items():
                 ws = [f"blk.{i}.{n}.weight" for n in members]
@@ -386,11 +422,71 @@ class TvmIntBackend(TvmBackend):
             (p["fn1"] if T == 1 else p["fnT"])(x8.t, *p["w"], amax.t, *p["c"], part.t)
             out.np[:, lo:hi] = part.np
 
+    def _decode_plan(self, kv: TvmIntKVCache) -> list | None:
+        """A one-token step with logits as a flat list of [function, arguments, index of `pos` in them or -1],
+        every argument bound once per cache (the Python between ~270 kernel calls is a tenth of a decode step);
+        None when a fused group splits into several matmuls (mixed precision: _run_fast's general loop)."""
+        import weakref
+        cos, sin = self._rope(kv.n_ctx)
+        old = getattr(self, "_plan", None)
+        if old is not None and old[0]() is kv and old[1] is cos:
+            return old[2]
+        if any(len(L[g]["parts"]) > 1 for L in self.layers for g in FUSED) or len(self.head["parts"]) > 1:
+            return None
+        K, a, eps, n = self.k, self._rows(1), self.eps_q, len(self.layers)
+        x, x2, h8, ha, o = a["x"].t, a["x2"].t, a["h8"].t, a["ha"].t, a["o"].t
+
+        def mm(grp, src, amax, out):
+            p = grp["parts"][0]
+            return [p["fn1"], [src, *p["w"], amax, *p["c"], out], -1]
+
+        k8, v8 = (a[n].np.reshape(-1, self.cfg.head_dim) for n in ("k8", "v8"))
+        ka = a["ka"].np[0]
+        kc, kac, vc = kv.k, kv.kamax, kv.v
+
+        def kv_write(layer, pos):             # the new int8 k / v row into the cache (update_int for one row)
+            kc[layer, pos], kac[layer, pos], vc[layer, pos] = k8, ka, v8
+        write = kv_write if self.profile is None else self._timed("numpy kv update", kv_write)
+        plan = [[K["embed"], [self.emb["table"], a["tok"].t, self.emb["m"], self.emb["sh"], x], -1],
+                [K["norm_quant"], [x, self.layers[0]["g1"], eps, h8, ha], -1]]
+        for i, L in enumerate(self.layers):
+            g = self.layers[i + 1]["g1"] if i + 1 < n else self.g_out
+            plan += [mm(L["qkv"], h8, ha, a["qkv"].t),
+                     [K["qkv_post"], [a["qkv"].t, cos, sin, 0, L["vm"], L["vsh"], a["q8"].t, a["qa"].t, a["k8"].t,
+                                      a["ka"].t, a["v8"].t], 3],
+                     [write, [i, 0], 1],
+                     [K["attention_q8_t1"], [a["q8"].t, a["qa"].t, kv.tk, kv.tka, kv.tv, L["om"], L["osh"], i, 0,
+                                             *L["sc"], a["a8"].t, a["aa"].t], 8],
+                     mm(L["o"], a["a8"].t, a["aa"].t, o),
+                     [K["res_norm_quant"], [x, o, L["g2"], eps, x2, h8, ha], -1],
+                     mm(L["gu"], h8, ha, a["gu"].t),
+                     [K["silu_quant_t1"], [a["gu"].t, *L["silu"], a["f8"].t, a["fa"].t], -1],
+                     mm(L["down"], a["f8"].t, a["fa"].t, o),
+                     [K["res_norm_quant"], [x2, o, g, eps, x, h8, ha], -1]]
+        plan.append(mm(self.head, h8, ha, a["logits"].t))
+        self._plan = (weakref.ref(kv), cos, plan)
+        return plan
+
+    def _step(self, token: int, pos: int, kv: TvmIntKVCache, plan: list) -> np.ndarray:
+        """One decode token through a _decode_plan: last-row logits."""
+        a = self._views[1]
+        a["tok"].np[0] = token
+        for fn, args, p in plan:
+            if p >= 0:
+                args[p] = pos
+            fn(*args)
+        kv.length = pos + 1
+        return a["logits"].np.astype(np.float32) * np.float32(2.0 ** -self.f_logit)
+
     def _run_fast(self, tokens: np.ndarray, pos: int, kv: TvmIntKVCache, logits: str | None):
         """A chunk through the fused kernels. Per layer: q|k|v matmul, qkv_post, attention_q8, o matmul,
         res_norm_quant, gate|up matmul, silu_quant, down matmul, res_norm_quant (the next layer's attention
         norm, or the output norm), plus numpy writing the new int8 k / v rows into the cache."""
         c, K, T = self.cfg, self.k, len(tokens)
+        if T == 1 and logits is not None:
+            plan = self._decode_plan(kv)
+            if plan is not None:
+                return self._step(int(tokens[0]), pos, kv, plan)
         a = self._rows(T)
         cos, sin = self._rope(kv.n_ctx)
         a["tok"].np[:] = tokens
@@ -399,19 +495,19 @@ class TvmIntBackend(TvmBackend):
         K["norm_quant"](x.t, self.layers[0]["g1"], self.eps_q, h8.t, ha.t)
         update = kv.update_int if self.profile is None else self._timed("numpy kv update", kv.update_int)
         kv_shape = (T, c.n_kv_heads, c.head_dim)
-        n = len(self.layers)
+        n, one = len(self.layers), "_t1" if T == 1 else ""
         for i, L in enumerate(self.layers):
             self._matmul(L["qkv"], h8, ha, a["qkv"], T)
             K["qkv_post"](a["qkv"].t, cos, sin, pos, L["vm"], L["vsh"], a["q8"].t, a["qa"].t, a["k8"].t, a["ka"].t,
                           a["v8"].t)
             update(i, pos, a["k8"].np.reshape(kv_shape), a["ka"].np, a["v8"].np.reshape(kv_shape))
-            K["attention_q8"](a["q8"].t, a["qa"].t, kv.tk, kv.tka, kv.tv, L["om"], L["osh"], i, pos, *L["sc"],
-                              a["a8"].t, a["aa"].t)
+            K["attention_q8" + one](a["q8"].t, a["qa"].t, kv.tk, kv.tka, kv.tv, L["om"], L["osh"], i, pos, *L["sc"],
+                                    a["a8"].t, a["aa"].t)
             self._matmul(L["o"], a["a8"], a["aa"], o, T)
             K["res_norm_quant"](x.t, o.t, L["g2"], self.eps_q, x2.t, h8.t, ha.t)
             x, x2 = x2, x
             self._matmul(L["gu"], h8, ha, a["gu"], T)
-            K["silu_quant"](a["gu"].t, *L["silu"], a["f8"].t, a["fa"].t)
+            K["silu_quant" + one](a["gu"].t, *L["silu"], a["f8"].t, a["fa"].t)
             self._matmul(L["down"], a["f8"], a["fa"], o, T)
             if i + 1 < n or logits is not None:
                 g = self.layers[i + 1]["g1"] if i + 1 < n else self.g_out
@@ -436,8 +532,9 @@ class TvmIntBackend(TvmBackend):
             self.k["static_quant"][K](src.t, *lin["static"], q8.t)
             q, shared = (q8.t, self.acts["ones"].rows(T).t), None
         elif q is None:
-            amax = self.acts["amax"].rows(T)
-            self.k["quant"][(1, K, 127)](src.t, q8.t, amax.t)
+            B = self.qc.act_block
+            amax = self.amax_blocks[K].rows(T) if B else self.acts["amax"].rows(T)
+            self.k["quant"][(K // B, B, 127) if B else (1, K, 127)](src.t, q8.t, amax.t)
             q = shared = (q8.t, amax.t)
         else:
             shared = q

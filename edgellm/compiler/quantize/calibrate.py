@@ -185,7 +185,7 @@ def group_error(X: np.ndarray, Ws: list[np.ndarray], s: np.ndarray, qc: QuantCon
     """Relative output error ||Q(X/s) Q(W s)^T - X W^T|| / ||X W^T|| of one linear group."""
     Xs = X / s
     if qc.a_bits == 8:
-        Xs = fake_quant_tokens(Xs, act_scale)
+        Xs = fake_quant_tokens(Xs, act_scale, qc.act_block)
     num = den = 0.0
     for W in Ws:
         Y = X @ W.T

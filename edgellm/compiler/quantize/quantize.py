@@ -44,8 +44,11 @@ def quantize_model(cfg: ModelConfig, store: WeightStore | dict, qc: QuantConfig,
     if cfg.attn_bias:
         raise UnsupportedModelError(f"{cfg.arch} models with attention biases cannot be quantized yet",
                                     "quantize a llama or mistral model (qwen2 q/k/v biases are not handled)")
+    widths = {cfg.dim, cfg.n_heads * cfg.head_dim, cfg.ffn_dim}
+    if qc.act_block and any(w % qc.act_block for w in widths):
+        raise EdgeLLMError(f"per-block activations need input widths divisible by {qc.act_block}; this model has "
+                           f"{sorted(widths)}", "use --act dynamic (one int8 scale per token)")
     if qc.w_bits == 4:
-        widths = {cfg.dim, cfg.n_heads * cfg.head_dim, cfg.ffn_dim}
         ok = [g for g in (32, 64, 128) if all(w % g == 0 for w in widths)]
         if any(w % qc.group_size for w in widths):
             raise EdgeLLMError(f"group size {qc.group_size} does not divide the model's input widths "
@@ -163,7 +166,7 @@ def _quantize_linear(w, X, qc, imp, act_scale, xtx=None) -> tuple[dict, float, n
 def _output_error(Xs, W, Wq, qc, act_scale):
     """Relative output error of the quantized linear Wq vs the migrated float one W, on the sample."""
     Y = Xs @ W.T               # the migrated float linear: same as X @ W.T up to the folded row scales
-    A = fake_quant_tokens(Xs, act_scale) if qc.a_bits == 8 else Xs
+    A = fake_quant_tokens(Xs, act_scale, qc.act_block) if qc.a_bits == 8 else Xs
     return float(np.linalg.norm(A @ Wq.T - Y) / max(np.linalg.norm(Y), 1e-30))
 
 

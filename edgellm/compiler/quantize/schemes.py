@@ -47,8 +47,9 @@ def _w4(w: np.ndarray, g: int, symmetric: bool, clip, zero: str = "int"):
         d = _fp16_floor(((2 * half) / 15.0)[..., 0])
         df = d.astype(np.float32)[..., None]
         safe = np.where(df == 0, np.float32(1), df)
-        # group minimum in fp16, snapped to a multiple of ~d/16 so the integer runtime can add it exactly
-        unit = np.exp2(np.floor(np.log2(np.where(df == 0, 1, np.abs(df)))) - 4)
+        # group minimum in fp16, snapped to a multiple of d's fp16 ulp: the integer runtime adds it exactly with
+        # no finer exponent than d's, and a model that already is Q4_1 (d, m fp16) keeps its grid bit for bit
+        unit = np.exp2(np.floor(np.log2(np.where(df == 0, 1, np.abs(df)))) - 10)
         m = (np.rint((mid - half) / unit) * unit).astype(np.float16)
         q = np.clip(np.rint((wg - m.astype(np.float32)) / safe), 0, 15)
         return q.astype(np.int16).reshape(rows, cols), d, m[..., 0]

@@ -59,7 +59,8 @@ def down_input(full: np.ndarray, qd: Q, act_quant: str = "ggml") -> tuple[np.nda
 
 def sparse_ffn(h: np.ndarray, ids: np.ndarray, ffn_dim: int, gate: np.ndarray, up: np.ndarray, down: np.ndarray,
                qtypes: tuple[Q, Q, Q], mins: tuple, mask: np.ndarray | None = None, act_quant: str = "ggml") -> np.ndarray:
-    """FFN of h [T, dim] over neurons `ids` (sorted, k of ffn_dim).
+    """FFN of h [T, dim] over neurons `ids` (k of ffn_dim, in the order of the rows/columns given; sorted ids
+    sum the down product in the reference's order).
 
     gate, up: float32 [k, dim] rows; down: float32 [dim, k] (C-contiguous); mins: the Q4_1/Q5_1 block
     minimums (gate [k, nb], up [k, nb], down [dim, ffn_dim/32]) or None; mask [T, k]: per-token

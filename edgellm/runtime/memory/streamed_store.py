@@ -13,8 +13,10 @@ token replace slots whose neurons no token of the last k used (LLM in a flash's 
 Reads use os.pread and posix_fadvise(DONTNEED) on what was read, so the next read of the same bytes
 comes from the device, not the page cache, or with `direct_io` O_DIRECT (whole aligned pages, never
 cached; see direct_io.py); an optional StorageModel stretches reads to an emulated
-device. Budget accounting counts the stored (quantized) bytes of what is resident; the numpy
-backend also keeps float32 working copies of them (reported by `compute_cache_bytes`), which a
+device. Streamed bytes are dequantized again every token, which is where a streamed token's CPU time
+goes: dequant.py does it exactly (bit-identical to gguf) in few long numpy passes, straight into the
+arrays the FFN computes on. Budget accounting counts the stored (quantized) bytes of what is resident;
+the numpy backend also keeps float32 working copies of them (reported by `compute_cache_bytes`), which a
 quantized-kernel backend would not need. Transient staging (at most the layer being computed and
 the one being prefetched) is outside the budget and reported as fixed overhead.
 """
@@ -30,14 +32,14 @@ from typing import Iterator
 
 import numpy as np
 from gguf import GGMLQuantizationType as Q
-from gguf import quants
 from gguf.quants import quant_shape_to_byte_shape
 
 from ...errors import EdgeLLMError
 from ..act_quant import block_mins
 from ..bundle import TYPED, BundleStore, unbundle_down
-from ..weights import TensorInfo, WeightStore, dequantize
+from ..weights import TensorInfo, WeightStore
 from .budget import check_budget, embedding_on_demand, fmt_bytes, minimum_resident_set
+from .dequant import MIN_TYPES, dequantize_rows, down_columns, down_scales, shared_is_header
 from .direct_io import DIRECT_FLAG, DirectIOUnsupported, DirectReader, open_direct
 from .stats import StreamStats
 from .storage_model import StorageModel, get_storage_model
@@ -63,25 +65,18 @@ def _typed(data: np.ndarray, qtype: Q, shape: tuple[int, ...]) -> np.ndarray:
     return data.reshape(quant_shape_to_byte_shape(shape, qtype))
 
 
-def fast_dequantize(r: np.ndarray, qtype: Q, shape: tuple[int, ...]) -> np.ndarray:
-    """weights.dequantize in one call over all blocks (gguf splits into 16-row groups, ~5x slower on
-    small row sets); the per-block arithmetic is gguf's own, so the values are identical."""
-    cls = quants._type_traits.get(qtype)
-    if cls is None or qtype in TYPED:
-        return dequantize(r, qtype, shape)
-    cls.init_grid()
-    blocks = np.ascontiguousarray(r).reshape(-1).view(np.uint8).reshape(-1, cls.type_size)
-    return np.ascontiguousarray(cls.dequantize_blocks(blocks).reshape(shape), dtype=np.float32)
-
-
-def decode(raw: np.ndarray, qtype: Q, shape: tuple[int, ...]) -> Tensor:
-    """Stored bytes -> Tensor (exactly what BundleStore.get returns, plus the block minimums)."""
+def decode(raw: np.ndarray, qtype: Q, shape: tuple[int, ...], out: np.ndarray | None = None) -> Tensor:
+    """Stored bytes -> Tensor (what BundleStore.get returns, plus the block minimums); into `out` if given."""
     r = _typed(raw, qtype, shape)
     if qtype == Q.BF16:
         w = (r.view("<u2").astype(np.uint32) << 16).view(np.float32).reshape(shape)
+        if out is not None:
+            out[...] = w
+            w = out
+        mins = None
     else:
-        w = fast_dequantize(r, qtype, shape)
-    mins = block_mins(r, qtype, shape[0]) if len(shape) == 2 else None
+        mins = np.empty((shape[0], shape[1] // 32), np.float32) if len(shape) == 2 and qtype in MIN_TYPES else None
+        w = dequantize_rows(r, qtype, shape, out, mins)
     return Tensor(w, qtype, mins)
 
 
@@ -120,7 +115,7 @@ class _Reader:
                 return self.direct.read(offset, n)
             except DirectIOUnsupported as e:
                 self._refuse(e)
-        buf = bytearray(n)
+        buf = np.empty(n, np.uint8)            # not zero-filled: every byte is read into
         view, got = memoryview(buf), 0
         while got < n:
             k = os.preadv(self.fd, [view[got:]], offset + got)
@@ -129,7 +124,7 @@ class _Reader:
             got += k
         if self.evict:
             os.posix_fadvise(self.fd, offset, n, os.POSIX_FADV_DONTNEED)
-        return np.frombuffer(buf, dtype=np.uint8)[:got], got
+        return buf[:got], got
 
     def read(self, offset: int, n: int, prefetch: bool = False) -> np.ndarray:
         t = time.perf_counter()
@@ -420,6 +415,8 @@ class StreamedStore(WeightStore):
             got.append(self.io.read(base + a * stride, (b - a + 1) * stride, True).reshape(-1, stride))
             got_ids.append(np.arange(a, b + 1))
             start = end
+        if len(got) == 1:                       # one merged read (no predictor): no copy
+            return got_ids[0], got[0]
         return np.concatenate(got_ids), np.concatenate(got)
 
     def _read_records(self, layer: int, ids: np.ndarray, prefetch: bool = False) -> np.ndarray:
@@ -439,41 +436,51 @@ class StreamedStore(WeightStore):
             start = end
         return out
 
-    def _shared_mins(self, layer: int) -> np.ndarray | None:
-        """ffn_down's block minimums [rows, blocks] from the resident shared bits (element bits zero); also
-        caches the block scales/minimums of affine types (Q4_0, Q4_1, Q8_0) for `affine_down`."""
+    def _down_scales(self, layer: int, shared: np.ndarray) -> tuple | None:
+        """ffn_down's block scales (d, m) [rows, blocks] read off its shared bits, when the bundle's bit split is
+        the affine gguf layout (then `down_columns` decodes columns directly); else None."""
         di = self._ffn_meta(layer)[2]
-        rows = di.shape[0]
-        bits = self.b.down_bits[di.qtype.name]
-        zeros = np.zeros((di.shape[1], self.b.ffn_layout(layer)["down"]["nbytes"]), np.uint8)
-        shared_only = None
-        if di.qtype in AFFINE and bits["element_bits"] == _affine_bits(di.qtype):
-            shared_only = unbundle_down(zeros, self._shared[layer], rows, bits).reshape(rows, -1, bits["type_size"])
-            d = np.ascontiguousarray(shared_only[:, :, 0:2]).view(np.float16)[..., 0].astype(np.float32)
-            m = np.ascontiguousarray(shared_only[:, :, 2:4]).view(np.float16)[..., 0].astype(np.float32) \
-                if di.qtype == Q.Q4_1 else None
-            self._affine[layer] = (d, m)
+        if not shared_is_header(di.qtype, self.b.down_bits[di.qtype.name]):
+            return None
+        return down_scales(shared, di.qtype, di.shape[0], di.shape[1] // 32)
+
+    def _shared_mins(self, layer: int) -> np.ndarray | None:
+        """ffn_down's block minimums [rows, blocks] from the resident shared bits; also caches the block
+        scales/minimums of affine types (Q4_0, Q4_1, Q8_0) for `down_columns`."""
+        di = self._ffn_meta(layer)[2]
+        aff = self._down_scales(layer, self._shared[layer])
+        if aff is not None:
+            self._affine[layer] = aff
+            return aff[1]                   # Q4_1's minimums; Q4_0 and Q8_0 have none
         if di.qtype not in (Q.Q4_1, Q.Q5_1):
             return None
-        if shared_only is None:
-            shared_only = unbundle_down(zeros, self._shared[layer], rows, bits)
+        rows = di.shape[0]
+        zeros = np.zeros((di.shape[1], self.b.ffn_layout(layer)["down"]["nbytes"]), np.uint8)
+        shared_only = unbundle_down(zeros, self._shared[layer], rows, self.b.down_bits[di.qtype.name])
         return block_mins(shared_only.reshape(rows, -1), di.qtype, rows)
 
-    def _decode_records(self, layer: int, ids: np.ndarray, rec: np.ndarray) -> dict:
-        """Neuron records -> float gate/up rows [k, dim], down columns [rows, k] and gate/up block minimums."""
+    def _decode_records(self, layer: int, ids: np.ndarray, rec: np.ndarray, out: dict | None = None,
+                        aff: tuple | None = None) -> dict:
+        """Neuron records -> float gate/up rows [k, dim], down columns [rows, k] and gate/up block minimums.
+
+        out: arrays (or views) to decode gate/up/down into; aff: ffn_down's block scales (default: the cached ones).
+        """
         gi, ui, di = self._ffn_meta(layer)
         ffn = self.b.ffn_layout(layer)
-        k = len(ids)
-        g = decode(rec[:, ffn["gate"]["at"]:ffn["gate"]["at"] + ffn["gate"]["nbytes"]], gi.qtype, (k, gi.shape[1]))
-        u = decode(rec[:, ffn["up"]["at"]:ffn["up"]["at"] + ffn["up"]["nbytes"]], ui.qtype, (k, ui.shape[1]))
-        d = ffn["down"]
-        cols = rec[:, d["at"]:d["at"] + d["nbytes"]]
-        aff = self._affine.get(layer)
+        k, out = len(ids), out or {}
+        part = lambda p: rec[:, ffn[p]["at"]:ffn[p]["at"] + ffn[p]["nbytes"]]  # noqa: E731
+        g = decode(part("gate"), gi.qtype, (k, gi.shape[1]), out.get("gate"))
+        u = decode(part("up"), ui.qtype, (k, ui.shape[1]), out.get("up"))
+        aff = aff or self._affine.get(layer)
         if aff is not None:
-            down = affine_down(cols, ids, di.qtype, di.shape[0], *aff)
+            down = down_columns(part("down"), ids, di.qtype, di.shape[0], *aff, out=out.get("down"))
         else:
-            down = np.ascontiguousarray(decode_down(cols, ids, self._shared[layer], self.b.down_bits[di.qtype.name],
-                                                    di.qtype, di.shape[0], di.shape[1]).T)
+            down = np.ascontiguousarray(decode_down(part("down"), ids, self._shared[layer],
+                                                    self.b.down_bits[di.qtype.name], di.qtype, di.shape[0],
+                                                    di.shape[1]).T)
+            if out.get("down") is not None:
+                out["down"][...] = down
+                down = out["down"]
         return {"gate": g.w, "up": u.w, "down": down, "mins_g": g.mins, "mins_u": u.mins}
 
     # ---- what the backend calls ----
@@ -513,10 +520,18 @@ class StreamedStore(WeightStore):
             t, info = self.b._t[n], self.b.info(n)
             dec[n] = decode(blob[int(t["offset"]) - lo:int(t["offset"]) - lo + info.nbytes], info.qtype, info.shape)
         if ffn is not None:
-            p = f"blk.{i}."
-            raw = self._ffn_raw(i, ffn)
-            for part, info in zip(FFN_PARTS, self._ffn_meta(i)):
-                dec[p + part + ".weight"] = decode(raw[part[4:]], info.qtype, info.shape)
+            names = [f"blk.{i}.{part}.weight" for part in FFN_PARTS]
+            aff = self._down_scales(i, ffn[0])
+            if aff is None:                 # other types: re-pack ffn_down's blocks from its bit split
+                raw = self._ffn_raw(i, ffn)
+                for n, part, info in zip(names, FFN_PARTS, self._ffn_meta(i)):
+                    dec[n] = decode(raw[part[4:]], info.qtype, info.shape)
+                return dec
+            rec = ffn[1]
+            r = self._decode_records(i, np.arange(len(rec)), rec, aff=aff)
+            qt = [info.qtype for info in self._ffn_meta(i)]
+            dec[names[0]], dec[names[1]] = Tensor(r["gate"], qt[0], r["mins_g"]), Tensor(r["up"], qt[1], r["mins_u"])
+            dec[names[2]] = Tensor(r["down"], qt[2], aff[1])
         return dec
 
     def _load_layer(self, i: int) -> dict[str, Tensor]:
@@ -553,7 +568,7 @@ class StreamedStore(WeightStore):
 
     def prefetch_neurons(self, layer: int, ids: np.ndarray) -> None:
         """Start reading the records of those of `ids` that are not resident (a speculative guess)."""
-        if self._pool is None:
+        if self._pool is None or ("neurons", layer) in self._pending:
             return
         ids = np.asarray(ids, dtype=np.int64)
         miss = ids[self.slots[layer].slot_of[ids] < 0]
@@ -567,7 +582,7 @@ class StreamedStore(WeightStore):
         st = self.stats
         pre = self._take(("neurons", layer))
         if pre is not None:
-            ids = np.union1d(ids, pre[0])
+            ids = _merge(ids, pre[0])
             st.prefetch_wasted += len(ids) - len(want_ids)
         slots = s.slot_of[ids]
         hit = slots >= 0
@@ -579,8 +594,11 @@ class StreamedStore(WeightStore):
         st.neurons_total += len(s.slot_of)
         return ids, slots, hit, miss, pre
 
-    def _load(self, layer: int, miss: np.ndarray, pre) -> dict:
-        """Decoded records of the non-resident neurons `miss`: from the prefetch where it has them, else read now."""
+    def _load(self, layer: int, miss: np.ndarray, pre, out: dict | None = None) -> dict:
+        """Decoded records of the non-resident neurons `miss` (into `out` if given): from the prefetch where it
+        has them, else read now."""
+        if pre is not None and len(pre[0]) == len(miss) and np.array_equal(pre[0], miss):
+            return self._decode_records(layer, miss, pre[1], out)      # the prefetch read exactly these
         rec = np.empty((len(miss), self.b.neuron_span(layer, 0)[1]), np.uint8)
         have = np.zeros(len(miss), bool)
         if pre is not None and len(miss):
@@ -590,13 +608,16 @@ class StreamedStore(WeightStore):
             rec[have] = prec[pos[have]]
         if (~have).any():
             rec[~have] = self._sync(self._read_records, layer, miss[~have])
-        return self._decode_records(layer, miss, rec)
+        return self._decode_records(layer, miss, rec, out)
 
-    def neurons(self, layer: int, ids: np.ndarray) -> tuple[np.ndarray, dict]:
+    def neurons(self, layer: int, ids: np.ndarray, exact: bool = True) -> tuple[np.ndarray, dict]:
         """Decoded neurons of `layer`: the sorted `ids` plus any neurons the I/O thread already read for it.
 
         Returns (loaded ids, {gate, up [k, dim], down [dim, k], mins_g, mins_u, mins_d}). Neurons that
         were prefetched on a guess are returned too: they cost no more I/O, so the FFN computes them.
+        The resident neurons come first and the streamed ones after them (decoded in place), each group in
+        id order; with `exact`, only where that is id order (else as sorted ids, gathered), since the order of
+        the down product's sum sets its rounding.
         """
         ids, slots, hit, miss, pre = self._lookup(layer, ids)
         s = self.slots[layer]
@@ -609,26 +630,27 @@ class StreamedStore(WeightStore):
             dec = self._load(layer, miss, pre)
             self.admit(layer, miss, dec)
             return ids, {**dec, "mins_d": self._down_mins[layer]}
+        hot, hs = ids[hit], slots[hit]
+        if not exact or not len(miss) or hot[-1] < miss[0]:
+            ids, hit = np.concatenate([hot, miss]), np.arange(k) < len(hot)
         dim, rows = s.gate.shape[1], s.down.shape[0]
         out = {"gate": np.empty((k, dim), np.float32), "up": np.empty((k, dim), np.float32),
                "down": np.empty((rows, k), np.float32),
                "mins_g": None if s.mins_g is None else np.empty((k, s.mins_g.shape[1]), np.float32),
                "mins_u": None if s.mins_u is None else np.empty((k, s.mins_u.shape[1]), np.float32)}
-        hs = slots[hit]
-        out["gate"][hit], out["up"][hit] = s.gate[hs], s.up[hs]
-        out["down"][:, hit] = s.down[:, hs]
-        if s.mins_g is not None:
-            out["mins_g"][hit] = s.mins_g[hs]
-        if s.mins_u is not None:
-            out["mins_u"][hit] = s.mins_u[hs]
+        at = lambda key, pos: (slice(None), pos) if key == "down" else pos  # noqa: E731  (down: columns)
+        hp, hs, cp = _run(np.nonzero(hit)[0]), _run(hs), _run(np.nonzero(~hit)[0])
+        src = {"gate": s.gate, "up": s.up, "down": s.down, "mins_g": s.mins_g, "mins_u": s.mins_u}
+        for key, a in src.items():
+            if a is not None:
+                out[key][at(key, hp)] = a[at(key, hs)] if isinstance(hs, slice) else \
+                    np.take(a, hs, axis=1 if key == "down" else 0)
         if len(miss):
-            dec = self._load(layer, miss, pre)
-            out["gate"][~hit], out["up"][~hit] = dec["gate"], dec["up"]
-            out["down"][:, ~hit] = dec["down"]
-            if s.mins_g is not None:
-                out["mins_g"][~hit] = dec["mins_g"]
-            if s.mins_u is not None:
-                out["mins_u"][~hit] = dec["mins_u"]
+            direct = ("gate", "up", "down") if isinstance(cp, slice) else ()    # decoded straight into `out`
+            dec = self._load(layer, miss, pre, {key: out[key][at(key, cp)] for key in direct})
+            for key in src:
+                if out[key] is not None and key not in direct:
+                    out[key][at(key, cp)] = dec[key]
             self.admit(layer, miss, dec)
         out["mins_d"] = self._down_mins[layer]
         return ids, out
@@ -697,27 +719,15 @@ def decode_down(cols: np.ndarray, ids: np.ndarray, shared: np.ndarray, bits: dic
     return np.ascontiguousarray(vals[:, inv, e].T)
 
 
-AFFINE = (Q.Q4_0, Q.Q4_1, Q.Q8_0)
+def _run(idx: np.ndarray) -> np.ndarray | slice:
+    """Positions as a slice when they are one increasing run (copies become block copies), else as they are."""
+    if len(idx) and (np.diff(idx) == 1).all():
+        return slice(int(idx[0]), int(idx[-1]) + 1)
+    return idx
 
 
-def _affine_bits(qtype: Q) -> list[list[int]]:
-    """The element-bit map of the affine types' gguf layouts (checked against the bundle's before use)."""
-    if qtype == Q.Q8_0:
-        return [[16 + 8 * e + b for b in range(8)] for e in range(32)]
-    start = 16 if qtype == Q.Q4_0 else 32
-    return [[start + 8 * (e % 16) + 4 * (e // 16) + b for b in range(4)] for e in range(32)]
-
-
-def affine_down(cols: np.ndarray, ids: np.ndarray, qtype: Q, rows: int, d: np.ndarray, m: np.ndarray | None) -> np.ndarray:
-    """Fast path of decode_down for Q4_0/Q4_1/Q8_0, as float32 [rows, k] (ffn_down's own layout): the gguf
-    formulas applied to the columns' quants with the cached block scales d [rows, blocks] (and minimums m):
-    bit-identical to dequantizing the whole matrix. Only the uint8 quants are transposed, not the floats."""
-    blk = ids // 32
-    dk = d[:, blk]                                                 # [rows, k]
-    if qtype == Q.Q8_0:
-        return np.ascontiguousarray(cols[:, :rows].T).view(np.int8).astype(np.float32) * dk
-    q = np.ascontiguousarray(np.stack([cols & np.uint8(0x0F), cols >> np.uint8(4)], axis=-1)
-                             .reshape(len(ids), -1)[:, :rows].T)
-    if qtype == Q.Q4_0:
-        return dk * (q.astype(np.int8) - np.int8(8)).astype(np.float32)
-    return dk * q.astype(np.float32) + m[:, blk]
+def _merge(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Sorted union of sorted unique id arrays (np.union1d, without its sort when b adds nothing to a)."""
+    pos = np.minimum(np.searchsorted(a, b), max(len(a) - 1, 0))
+    new = b if not len(a) else b[a[pos] != b]
+    return a if not len(new) else np.union1d(a, new)

@@ -4,7 +4,8 @@ Same functions as model.py (rms_norm, rope, attention, silu, ggml activation rou
 weight resident, or in naive mode, or in neuron mode with every neuron active, the logits are
 bit-identical to `Transformer`. With a predictor, each layer computes only the neurons it predicts
 for the FFN input; the I/O thread reads the next layer's attention block and, while this layer's
-attention computes, the neurons predicted from the layer input (a guess refined at FFN time).
+attention computes, the neurons predicted from the layer input (a guess refined at FFN time); without a
+predictor every neuron is needed, so it reads the next layer's streamed neurons during this layer.
 With a second compute device (devices.py), the resident hot neurons run there and the streamed cold
 ones here, partial outputs summed per layer (equal to the one-device result to float tolerance).
 """
@@ -63,8 +64,10 @@ class StreamingBackend(Backend):
         T = x.shape[0]
         W = st.layer(i)
         if st.mode == "neuron" and self.prefetch:    # overlap reading this layer's neurons with its attention
-            if self.predictor is None:
-                st.prefetch_neurons(i, np.arange(c.ffn_dim))
+            if self.predictor is None:               # every neuron is needed: read the next layer's ones too
+                st.prefetch_neurons(i, np.arange(c.ffn_dim))          # (no-op when already read or in flight)
+                if i + 1 < c.n_layers:               # within this forward, so its reads are done when it returns
+                    st.prefetch_neurons(i + 1, np.arange(c.ffn_dim))
             else:
                 guess = self.predictor.predict(i, rms_norm(x, W[p + "ffn_norm.weight"].w, c.norm_eps))
                 st.prefetch_neurons(i, np.nonzero(guess.any(axis=0))[0])
@@ -108,7 +111,8 @@ class StreamingBackend(Backend):
         st.stats.neurons_computed_total += T * ffn_dim
         if self.device is not None:
             return self.split_ffn(i, h, active, want)
-        ids, n = st.neurons(i, want)            # `want` plus neurons already prefetched on a guess
+        # `want` plus neurons already prefetched on a guess; in any order with a predictor (approximate anyway)
+        ids, n = st.neurons(i, want, exact=self.predictor is None)
         mask = self._mask(active, ids, want)
         self._count(T, ids, mask)
         return sparse_ffn(h, ids, ffn_dim, n["gate"], n["up"], n["down"], self._ffn_types(i),
