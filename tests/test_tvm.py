@@ -12,7 +12,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -257,7 +256,6 @@ def smollm2_tvm(smollm2, tmp_path_factory):
 def test_smollm2_logits_match_reference(smollm2, smollm2_tvm):
     m = smollm2
     r, tvm_be = smollm2_tvm
-    assert r.seconds < 60, f"compiling SmolLM2's kernels took {r.seconds:.1f} s"
     tokens = np.array(m.tokenizer.encode("Once upon a time, there was"))
     numpy_be = NumpyBackend(m.config, m.weights, act_quant="none")
     kv_ref, kv_tvm = numpy_be.new_cache(32), tvm_be.new_cache(32)
@@ -275,9 +273,7 @@ def test_smollm2_rpi5_library_is_aarch64_elf(smollm2, tmp_path):
     require_tool("aarch64-linux-gnu-gcc", "gcc-aarch64-linux-gnu")
     from edgellm.compiler.tvm_build import build_kernels
     from edgellm.runtime.tvm_backend import elf_machine, kernel_names, load_library
-    t0 = time.perf_counter()
     lib = build_kernels(smollm2.config, RPI5, tmp_path / "smollm2-rpi5.so")
-    assert time.perf_counter() - t0 < 60
     assert elf_machine(lib) == EM_AARCH64
     data = lib.read_bytes()
     names = kernel_names(smollm2.config)
