@@ -10,7 +10,7 @@ import pytest
 from gguf import GGMLQuantizationType as Q
 from gguf import quants
 
-from edgellm.runtime.act_quant import block_mins
+from edgellm.runtime.act_quant import MIN_TYPES, block_mins
 from edgellm.runtime.memory import dequant
 from edgellm.runtime.memory.dequant import down_columns, dequantize_rows, down_scales, element_bits, shared_is_header
 
@@ -37,7 +37,7 @@ def test_rows_equal_gguf(qtype, chunk):
     raw, ref = quantized(qtype, 12, 96)
     assert np.array_equal(dequantize_rows(raw, qtype, (12, 96)), ref)
     big = np.full((20, 96), np.nan, np.float32)
-    mins = np.empty((7, 3), np.float32) if qtype in dequant.MIN_TYPES else None
+    mins = np.empty((7, 3), np.float32) if qtype in MIN_TYPES else None
     got = dequantize_rows(raw[3:10], qtype, (7, 96), out=big[5:12], mins=mins)
     assert np.shares_memory(got, big)
     assert np.array_equal(big[5:12], ref[3:10]) and np.isnan(big[:5]).all() and np.isnan(big[12:]).all()

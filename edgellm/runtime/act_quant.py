@@ -20,6 +20,7 @@ VEC_DOT_TYPE = {
 }
 # bytes per block and offset of the fp16 block minimum `m` for the types whose blocks carry one
 _MIN_OFFSET = {Q.Q4_1: (20, 2), Q.Q5_1: (24, 2)}
+MIN_TYPES = tuple(_MIN_OFFSET)      # types whose blocks carry a minimum
 
 
 def _q8(x: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:

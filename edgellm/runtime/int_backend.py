@@ -5,7 +5,6 @@ mode="mixed" keeps norms, softmax, SiLU and RoPE in float. Logits come back as f
 """
 from __future__ import annotations
 
-import ast
 import json
 import math
 import struct
@@ -28,35 +27,28 @@ class NpzTensors(MutableMapping):
 
     def __init__(self, path: str | Path):
         self.path, self._index, self._set = Path(path), {}, {}
-        parsed: dict[bytes, tuple] = {}                 # npy header text -> (shape, dtype): layers repeat them
+        fmt = np.lib.format
+        readers = {(1, 0): fmt.read_array_header_1_0, (2, 0): fmt.read_array_header_2_0}
         with zipfile.ZipFile(self.path) as z, open(self.path, "rb") as f:
             for info in z.infolist():
                 if info.compress_type != zipfile.ZIP_STORED or not info.filename.endswith(".npy"):
                     raise ValueError(f"member {info.filename} is compressed or not an array")
                 f.seek(info.header_offset)
-                head = f.read(1024)
+                head = f.read(30)
                 if head[:4] != b"PK\x03\x04":
                     raise zipfile.BadZipFile(f"no local header for {info.filename}")
-                start = 30 + sum(struct.unpack("<HH", head[26:30]))           # data: after name and extra
-                npy = head[start:]
-                if npy[:6] != b"\x93NUMPY" or npy[6] not in (1, 2, 3):
-                    raise ValueError(f"member {info.filename} is not a .npy array")
-                skip = 10 if npy[6] == 1 else 12                              # magic, version, header length
-                hl = struct.unpack("<H" if skip == 10 else "<I", npy[8:skip])[0]
-                if len(npy) < skip + hl:
-                    f.seek(info.header_offset + start)
-                    npy = f.read(skip + hl)
-                text = npy[skip:skip + hl]
-                if text not in parsed:
-                    d = ast.literal_eval(text.decode("latin1"))
-                    dtype = np.lib.format.descr_to_dtype(d["descr"])
-                    if dtype.hasobject or (d["fortran_order"] and len(d["shape"]) > 1):
-                        raise ValueError(f"member {info.filename} is not a C-order numeric array")
-                    parsed[text] = (tuple(d["shape"]), dtype)
-                shape, dtype = parsed[text]
-                if skip + hl + math.prod(shape) * dtype.itemsize > info.file_size:
+                start = info.header_offset + 30 + sum(struct.unpack("<HH", head[26:30]))   # after name and extra
+                f.seek(start)
+                read = readers.get(fmt.read_magic(f))
+                if read is None:
+                    raise ValueError(f"member {info.filename} has an unsupported .npy version")
+                shape, fortran, dtype = read(f)
+                if dtype.hasobject or (fortran and len(shape) > 1):
+                    raise ValueError(f"member {info.filename} is not a C-order numeric array")
+                data = f.tell()
+                if data - start + math.prod(shape) * dtype.itemsize > info.file_size:
                     raise ValueError(f"member {info.filename} is shorter than its array")
-                self._index[info.filename[:-4]] = (info.header_offset + start + skip + hl, shape, dtype)
+                self._index[info.filename[:-4]] = (data, shape, dtype)
 
     def header(self, name: str) -> tuple[tuple, np.dtype]:
         """(shape, dtype) without reading the data."""

@@ -692,7 +692,10 @@ class IntTransformer:
             x = x + self._lin(g, p + "ffn_down.weight")
         if not all_logits:
             x = x[-1:]
-        h = rms_norm(x, t["output_norm.weight"], c.norm_eps)
+        return self._head_mixed(rms_norm(x, t["output_norm.weight"], c.norm_eps))
+
+    def _head_mixed(self, h: np.ndarray) -> np.ndarray:
+        """The int8 head on int8-rounded normed rows (a method so tools/quant_ablation.py can switch the rounding)."""
         return fake_quant_tokens(h, block=self.qc.act_block) @ self.w["head"].T
 
     # integer ------------------------------------------------------------------------------------

@@ -409,118 +409,91 @@ class TvmIntBackend(TvmBackend):
     def _run(self, tokens: np.ndarray, pos: int, kv: TvmIntKVCache, logits: str | None):
         return (self._run_fast if self.fast else self._run_generic)(tokens, pos, kv, logits)
 
-    def _matmul(self, grp: dict, x8, amax, out, T: int) -> None:
-        """Fast matmul(s) of one fused group on int8 rows x8 (per-token amax) into out [T, rows]."""
-        parts = grp["parts"]
-        if len(parts) == 1:
-            p = parts[0]
-            (p["fn1"] if T == 1 else p["fnT"])(x8.t, *p["w"], amax.t, *p["c"], out.t)
-            return
-        for p in parts:                    # mixed widths: one call each, then into the group's columns
-            lo, hi = p["cols"]
-            part = self._rows(T)[f"part{hi - lo}"]
-            (p["fn1"] if T == 1 else p["fnT"])(x8.t, *p["w"], amax.t, *p["c"], part.t)
-            out.np[:, lo:hi] = part.np
+    def _mm_steps(self, grp: dict, x8, amax, out, T: int) -> list:
+        """Plan steps of one fused group's matmul(s) on int8 rows x8 into out [T, rows]; mixed widths: one call
+        each into a part buffer, then a copy into out's columns."""
+        parts, steps = grp["parts"], []
+        for p in parts:
+            dst = out if len(parts) == 1 else self._rows(T)[f"part{p['cols'][1] - p['cols'][0]}"]
+            steps.append([p["fn1"] if T == 1 else p["fnT"], [x8.t, *p["w"], amax.t, *p["c"], dst.t], -1])
+            if len(parts) > 1:
+                steps.append([out.np.__setitem__, [(slice(None), slice(*p["cols"])), dst.np], -1])
+        return steps
 
-    def _decode_plan(self, kv: TvmIntKVCache) -> list | None:
-        """A one-token step with logits as a flat list of [function, arguments, index of `pos` in them or -1],
-        every argument bound once per cache (the Python between ~270 kernel calls is a tenth of a decode step);
-        None when a fused group splits into several matmuls (mixed precision: _run_fast's general loop)."""
+    def _matmul(self, grp: dict, x8, amax, out, T: int) -> None:
+        """Run one fused group's matmul(s) now (what a plan's steps do)."""
+        for fn, args, _ in self._mm_steps(grp, x8, amax, out, T):
+            fn(*args)
+
+    def _plan(self, T: int, kv: TvmIntKVCache, logits: str | None) -> list:
+        """A chunk of T rows through the fused kernels as a flat list of [function, arguments, index of `pos` in
+        them or -1], every argument bound once per (T, logits, cache), so the Python between ~270 kernel calls
+        is a loop over a list. Per layer: q|k|v matmul, qkv_post, the new int8 k / v rows into the cache,
+        attention_q8, o matmul, res_norm_quant, gate|up matmul, silu_quant, down matmul, res_norm_quant (the next
+        layer's attention norm, or the output norm); then the head on all rows or the last one. One row uses
+        the serial "_t1" kernels."""
         import weakref
         cos, sin = self._rope(kv.n_ctx)
-        old = getattr(self, "_plan", None)
-        if old is not None and old[0]() is kv and old[1] is cos:
-            return old[2]
-        if any(len(L[g]["parts"]) > 1 for L in self.layers for g in FUSED) or len(self.head["parts"]) > 1:
-            return None
-        K, a, eps, n = self.k, self._rows(1), self.eps_q, len(self.layers)
+        key = (T, logits)
+        cached = getattr(self, "_plans", None)
+        if cached is None or cached[0]() is not kv or cached[1] is not cos:
+            cached = self._plans = (weakref.ref(kv), cos, {})
+        if key in cached[2]:
+            return cached[2][key]
+        K, a, eps, n = self.k, self._rows(T), self.eps_q, len(self.layers)
         x, x2, h8, ha, o = a["x"].t, a["x2"].t, a["h8"].t, a["ha"].t, a["o"].t
+        one = "_t1" if T == 1 else ""
 
-        def mm(grp, src, amax, out):
-            p = grp["parts"][0]
-            return [p["fn1"], [src, *p["w"], amax, *p["c"], out], -1]
-
-        k8, v8 = (a[n].np.reshape(-1, self.cfg.head_dim) for n in ("k8", "v8"))
-        ka = a["ka"].np[0]
+        mm = lambda grp, src, amax, out, rows=T: self._mm_steps(grp, src, amax, out, rows)  # noqa: E731
+        kv_shape = (T, self.cfg.n_kv_heads, self.cfg.head_dim)
+        k8, v8, ka = a["k8"].np.reshape(kv_shape), a["v8"].np.reshape(kv_shape), a["ka"].np
         kc, kac, vc = kv.k, kv.kamax, kv.v
 
-        def kv_write(layer, pos):             # the new int8 k / v row into the cache (update_int for one row)
-            kc[layer, pos], kac[layer, pos], vc[layer, pos] = k8, ka, v8
+        def kv_write(layer, pos):             # the new int8 k / v rows into the cache (update_int, checked earlier)
+            kc[layer, pos:pos + T], kac[layer, pos:pos + T], vc[layer, pos:pos + T] = k8, ka, v8
         write = kv_write if self.profile is None else self._timed("numpy kv update", kv_write)
         plan = [[K["embed"], [self.emb["table"], a["tok"].t, self.emb["m"], self.emb["sh"], x], -1],
                 [K["norm_quant"], [x, self.layers[0]["g1"], eps, h8, ha], -1]]
         for i, L in enumerate(self.layers):
-            g = self.layers[i + 1]["g1"] if i + 1 < n else self.g_out
-            plan += [mm(L["qkv"], h8, ha, a["qkv"].t),
-                     [K["qkv_post"], [a["qkv"].t, cos, sin, 0, L["vm"], L["vsh"], a["q8"].t, a["qa"].t, a["k8"].t,
+            plan += mm(L["qkv"], a["h8"], a["ha"], a["qkv"])
+            plan += [[K["qkv_post"], [a["qkv"].t, cos, sin, 0, L["vm"], L["vsh"], a["q8"].t, a["qa"].t, a["k8"].t,
                                       a["ka"].t, a["v8"].t], 3],
                      [write, [i, 0], 1],
-                     [K["attention_q8_t1"], [a["q8"].t, a["qa"].t, kv.tk, kv.tka, kv.tv, L["om"], L["osh"], i, 0,
-                                             *L["sc"], a["a8"].t, a["aa"].t], 8],
-                     mm(L["o"], a["a8"].t, a["aa"].t, o),
-                     [K["res_norm_quant"], [x, o, L["g2"], eps, x2, h8, ha], -1],
-                     mm(L["gu"], h8, ha, a["gu"].t),
-                     [K["silu_quant_t1"], [a["gu"].t, *L["silu"], a["f8"].t, a["fa"].t], -1],
-                     mm(L["down"], a["f8"].t, a["fa"].t, o),
-                     [K["res_norm_quant"], [x2, o, g, eps, x, h8, ha], -1]]
-        plan.append(mm(self.head, h8, ha, a["logits"].t))
-        self._plan = (weakref.ref(kv), cos, plan)
+                     [K["attention_q8" + one], [a["q8"].t, a["qa"].t, kv.tk, kv.tka, kv.tv, L["om"], L["osh"], i, 0,
+                                                *L["sc"], a["a8"].t, a["aa"].t], 8]]
+            plan += mm(L["o"], a["a8"], a["aa"], a["o"])
+            plan.append([K["res_norm_quant"], [x, o, L["g2"], eps, x2, h8, ha], -1])
+            plan += mm(L["gu"], a["h8"], a["ha"], a["gu"])
+            plan.append([K["silu_quant" + one], [a["gu"].t, *L["silu"], a["f8"].t, a["fa"].t], -1])
+            plan += mm(L["down"], a["f8"], a["fa"], a["o"])
+            if i + 1 < n or logits is not None:
+                g = self.layers[i + 1]["g1"] if i + 1 < n else self.g_out
+                plan.append([K["res_norm_quant"], [x2, o, g, eps, x, h8, ha], -1])
+        if logits == "last" and T > 1:
+            v = self._rows(1)
+
+            def last_row():
+                v["last8"].np[0], v["lasta"].np[0] = a["h8"].np[-1], a["ha"].np[-1]
+            plan.append([last_row, [], -1])
+            plan += mm(self.head, v["last8"], v["lasta"], v["logits"], rows=1)
+        elif logits is not None:
+            plan += mm(self.head, a["h8"], a["ha"], a["logits"])
+        cached[2][key] = plan
         return plan
 
-    def _step(self, token: int, pos: int, kv: TvmIntKVCache, plan: list) -> np.ndarray:
-        """One decode token through a _decode_plan: last-row logits."""
-        a = self._views[1]
-        a["tok"].np[0] = token
+    def _run_fast(self, tokens: np.ndarray, pos: int, kv: TvmIntKVCache, logits: str | None):
+        """A chunk through its _plan: logits of all rows, of the last one, or None."""
+        T = len(tokens)
+        plan = self._plan(T, kv, logits)
+        self._rows(T)["tok"].np[:] = tokens
         for fn, args, p in plan:
             if p >= 0:
                 args[p] = pos
             fn(*args)
-        kv.length = pos + 1
-        return a["logits"].np.astype(np.float32) * np.float32(2.0 ** -self.f_logit)
-
-    def _run_fast(self, tokens: np.ndarray, pos: int, kv: TvmIntKVCache, logits: str | None):
-        """A chunk through the fused kernels. Per layer: q|k|v matmul, qkv_post, attention_q8, o matmul,
-        res_norm_quant, gate|up matmul, silu_quant, down matmul, res_norm_quant (the next layer's attention
-        norm, or the output norm), plus numpy writing the new int8 k / v rows into the cache."""
-        c, K, T = self.cfg, self.k, len(tokens)
-        if T == 1 and logits is not None:
-            plan = self._decode_plan(kv)
-            if plan is not None:
-                return self._step(int(tokens[0]), pos, kv, plan)
-        a = self._rows(T)
-        cos, sin = self._rope(kv.n_ctx)
-        a["tok"].np[:] = tokens
-        x, x2, h8, ha, o = a["x"], a["x2"], a["h8"], a["ha"], a["o"]
-        K["embed"](self.emb["table"], a["tok"].t, self.emb["m"], self.emb["sh"], x.t)
-        K["norm_quant"](x.t, self.layers[0]["g1"], self.eps_q, h8.t, ha.t)
-        update = kv.update_int if self.profile is None else self._timed("numpy kv update", kv.update_int)
-        kv_shape = (T, c.n_kv_heads, c.head_dim)
-        n, one = len(self.layers), "_t1" if T == 1 else ""
-        for i, L in enumerate(self.layers):
-            self._matmul(L["qkv"], h8, ha, a["qkv"], T)
-            K["qkv_post"](a["qkv"].t, cos, sin, pos, L["vm"], L["vsh"], a["q8"].t, a["qa"].t, a["k8"].t, a["ka"].t,
-                          a["v8"].t)
-            update(i, pos, a["k8"].np.reshape(kv_shape), a["ka"].np, a["v8"].np.reshape(kv_shape))
-            K["attention_q8" + one](a["q8"].t, a["qa"].t, kv.tk, kv.tka, kv.tv, L["om"], L["osh"], i, pos, *L["sc"],
-                                    a["a8"].t, a["aa"].t)
-            self._matmul(L["o"], a["a8"], a["aa"], o, T)
-            K["res_norm_quant"](x.t, o.t, L["g2"], self.eps_q, x2.t, h8.t, ha.t)
-            x, x2 = x2, x
-            self._matmul(L["gu"], h8, ha, a["gu"], T)
-            K["silu_quant" + one](a["gu"].t, *L["silu"], a["f8"].t, a["fa"].t)
-            self._matmul(L["down"], a["f8"], a["fa"], o, T)
-            if i + 1 < n or logits is not None:
-                g = self.layers[i + 1]["g1"] if i + 1 < n else self.g_out
-                K["res_norm_quant"](x.t, o.t, g, self.eps_q, x2.t, h8.t, ha.t)
-                x, x2 = x2, x
+        kv.length = pos + T
         if logits is None:
             return None
-        if logits == "last" and T > 1:
-            v = self._rows(1)
-            v["last8"].np[0], v["lasta"].np[0] = h8.np[-1], ha.np[-1]
-            h8, ha, T = v["last8"], v["lasta"], 1
-        lg = self._rows(T)["logits"]
-        self._matmul(self.head, h8, ha, lg, T)
+        lg = self._rows(1 if logits == "last" else T)["logits"]
         return lg.np.astype(np.float32) * np.float32(2.0 ** -self.f_logit)
 
     def _mm(self, lin: dict, src, T: int, out, q=None):

@@ -23,7 +23,6 @@ from ..weights import dequantize
 BLOCK = 32
 # bytes per block and where its fp16 scale d (and minimum m) sit
 _LAYOUT = {Q.Q4_0: (18, 2), Q.Q4_1: (20, 4), Q.Q8_0: (34, 2)}
-MIN_TYPES = (Q.Q4_1, Q.Q5_1)     # types whose blocks carry a minimum (see act_quant.block_mins)
 
 
 _F16 = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)   # fp16 bits -> f32

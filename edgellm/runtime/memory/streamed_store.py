@@ -35,11 +35,11 @@ from gguf import GGMLQuantizationType as Q
 from gguf.quants import quant_shape_to_byte_shape
 
 from ...errors import EdgeLLMError
-from ..act_quant import block_mins
+from ..act_quant import MIN_TYPES, block_mins
 from ..bundle import TYPED, BundleStore, unbundle_down
 from ..weights import TensorInfo, WeightStore
 from .budget import check_budget, embedding_on_demand, fmt_bytes, minimum_resident_set
-from .dequant import MIN_TYPES, dequantize_rows, down_columns, down_scales, shared_is_header
+from .dequant import dequantize_rows, down_columns, down_scales, shared_is_header
 from .direct_io import DIRECT_FLAG, DirectIOUnsupported, DirectReader, open_direct
 from .stats import StreamStats
 from .storage_model import StorageModel, get_storage_model
@@ -452,7 +452,7 @@ class StreamedStore(WeightStore):
         if aff is not None:
             self._affine[layer] = aff
             return aff[1]                   # Q4_1's minimums; Q4_0 and Q8_0 have none
-        if di.qtype not in (Q.Q4_1, Q.Q5_1):
+        if di.qtype not in MIN_TYPES:
             return None
         rows = di.shape[0]
         zeros = np.zeros((di.shape[1], self.b.ffn_layout(layer)["down"]["nbytes"]), np.uint8)
