@@ -371,6 +371,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="calibration text (.txt file, or a directory of .txt files; held-out Hamlet is skipped), "
                         "for --quant and --profile-neurons")
     p.add_argument("--sparsity", type=float, default=0.5, help="target FFN sparsity for --profile-neurons")
+    p.add_argument("--neuron-tokens", type=_positive_int, default=None, metavar="N",
+                   help="calibration tokens for --profile-neurons (default 16384)")
+    p.add_argument("--neuron-recall", type=float, default=None, metavar="R",
+                   help="share of the truly active FFN neurons the predictor must select on held-out calibration "
+                        "chunks (default 0.99)")
+    p.add_argument("--neuron-heldout", type=float, default=None, metavar="F",
+                   help="share of the calibration chunks held out (not fitted) to set that recall (default 0.25)")
     p.set_defaults(func=cmd_compile)
 
     p = sub.add_parser("targets", help="list compilation targets and their settings",
@@ -394,6 +401,9 @@ def cmd_compile(args) -> int:
     res = compile_model(args.model, args.target, args.output, backends=backends, quant=args.quant,
                         report=args.report, with_wheels=args.with_wheels, device_python=args.device_python,
                         profile_neurons=args.profile_neurons, calibration=args.calibration, sparsity=args.sparsity,
+                        neuron_options={k: v for k, v in (("max_tokens", args.neuron_tokens),
+                                                          ("recall", args.neuron_recall),
+                                                          ("val_fraction", args.neuron_heldout)) if v is not None},
                         group_size=args.group_size, asym=args.asym, integer_only=args.integer_only,
                         kv_int8=args.kv_int8, act=args.act, calib_tokens=args.calib_tokens, zero=args.zero,
                         progress=True,

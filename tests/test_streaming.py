@@ -240,6 +240,79 @@ def test_predictor_recall_is_set_on_held_out_calibration_tokens(profiled, tiny_q
             profile_neurons(src, ["text"], **bad)
 
 
+def test_held_out_thresholds_meet_their_recall_on_held_out_chunks(tiny_q41, shakespeare_dir):
+    """The per-layer predictor offset is chosen on whole calibration chunks the fit never saw, for the
+    float16 factors the profile stores: the runtime's own prediction recalls the target share there."""
+    from edgellm.compiler.profile_neurons import build_profile, calibration_texts, collect
+    quiet = lambda *a: None  # noqa: E731
+    hs, acts = collect(tiny_q41[0], calibration_texts(shakespeare_dir, max_files=4), n_ctx=64, max_tokens=1024,
+                       log=quiet)
+    for heldout in (0.25, 0.5):
+        prof = build_profile(hs, acts, sparsity=0.6, rank=8, recall=0.9, n_ctx=64, val_fraction=heldout, log=quiet)
+        n_val = prof.meta["validation_tokens"]
+        assert n_val % 64 == 0 and 0 < n_val <= heldout * len(hs[0])
+        for i in range(len(hs)):
+            active = acts[i][-n_val:] > prof.threshold[i]
+            pred = prof.predict(i, hs[i][-n_val:])
+            recall = (pred & active).sum() / active.sum()
+            assert recall >= 0.9 - 1e-3, f"layer {i}: recall {recall:.4f} on held-out chunks"
+            assert abs(recall - prof.meta["recall_per_layer"][i]) < 1e-6, "the profile reports what the runtime gets"
+            assert pred.mean() < 1.0, "the predictor must skip some neurons"
+
+
+def test_without_the_guess_only_predicted_neurons_are_read_and_computed(profiled):
+    """guess=False: each layer reads and computes just the neurons predicted from its FFN input, so the logits
+    equal those of a run without any prefetching, and it computes fewer neurons than with the guess."""
+    b, prof = profiled
+    runs = {k: make_budgeted_model(b, "60%", mode="sparse", window=2, **kw)
+            for k, kw in [("guess", {}), ("no guess", dict(guess=False)), ("no prefetch", dict(prefetch=False))]}
+    out = {k: run(be) for k, be in runs.items()}
+    assert np.array_equal(out["no guess"], out["no prefetch"])
+    st = {k: be.stats for k, be in runs.items()}
+    assert st["no guess"].neurons_computed == st["no prefetch"].neurons_computed
+    assert st["no guess"].computed_fraction < st["guess"].computed_fraction
+    assert st["guess"].prefetch_wasted > 0 == st["no guess"].prefetch_wasted
+    for be in runs.values():
+        be.close()
+
+
+def test_masked_reference_of_bench_sparsity_matches_the_runtime(profiled):
+    """tools/bench_sparsity.py's masked numpy reference: no mask is the reference itself, the profile's mask gives
+    the sparse runtime's batched logits, and the oracle keeps exactly the share it is asked to."""
+    import importlib.util
+    path = Path(__file__).parent.parent / "tools" / "bench_sparsity.py"
+    spec = importlib.util.spec_from_file_location("bench_sparsity", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    b, prof = profiled
+    toks = np.asarray(TOKENS)
+    logits = lambda m: m.forward(toks, 0, m.new_cache(32), all_logits=True)  # noqa: E731
+    assert np.array_equal(tool.MaskedFFN(b).logits(TOKENS), logits(NumpyBackend(b.config, b.weights)))
+    sparse = make_budgeted_model(b, "100%", mode="sparse")
+    masked = tool.MaskedFFN(b, profile=prof)
+    np.testing.assert_allclose(masked.logits(TOKENS), logits(sparse), rtol=1e-4, atol=1e-4)
+    assert abs(np.mean(masked.kept) - sparse.stats.computed_fraction) < 1e-9
+    sparse.close()
+    oracle = tool.MaskedFFN(b, drop=0.25)
+    oracle.logits(TOKENS)
+    assert np.allclose(oracle.kept, 0.75, atol=2 / b.config.ffn_dim)
+
+
+def test_profile_flags_of_compile_reach_the_profile(tiny_q41, shakespeare_dir, tmp_path, capsys):
+    """--neuron-tokens / --neuron-recall / --neuron-heldout override profile_neurons's defaults; bad values refused."""
+    from edgellm.cli import main
+    from edgellm.runtime.memory import bundle_profile
+    gguf, calib = tiny_q41[2] / "m.gguf", str(shakespeare_dir / "macbeth_gut.txt")
+    args = ["compile", str(gguf), "--backends", "", "--profile-neurons", "--calibration", calib]
+    assert main(args + ["--neuron-tokens", "512", "--neuron-recall", "0.9", "--neuron-heldout", "0.5",
+                        "-o", str(tmp_path / "b")]) == 0
+    meta = bundle_profile(tmp_path / "b").meta
+    assert (meta["tokens"], meta["target_recall"], meta["validation_tokens"]) == (512, 0.9, 256)
+    assert min(meta["recall_per_layer"]) >= 0.9 - 1e-3
+    assert main(args + ["--neuron-recall", "1.5", "-o", str(tmp_path / "c")]) == 2
+    assert "recall" in capsys.readouterr().err
+
+
 def test_predictor_keeps_perplexity_close_and_reads_less(profiled, heldout_text):
     b, prof = profiled
     tokens = [t for t in b.tokenizer.encode(heldout_text[5000:5400], add_bos=False) if t < b.config.vocab_size][:48]

@@ -1,7 +1,12 @@
 #!/usr/bin/env python3
 """Decode speed at one budget with the configurations interleaved token by token (fair under changing load).
 
-    python tools/bench_budget_interleaved.py BUNDLE PROFILE.npz 50% 10 [--baseline OLD_EDGELLM_DIR]
+    python tools/bench_budget_interleaved.py BUNDLE PROFILE.npz[,PROFILE2.npz...] 50% 10 [--baseline OLD_EDGELLM_DIR]
+        [--configs naive,neuron,neuron+pred+win4]
+
+Several profiles (comma-separated) repeat the predictor configurations once per profile, named after the
+file; --configs keeps only the named configurations (default: all). The table also gives the share of
+FFN neurons each configuration computed per decode token (the rest are skipped).
 
 --baseline adds the naive configuration run by another copy of the edgellm package (e.g. the previous
 commit's: `git archive HEAD~1 edgellm | tar -x -C /tmp/old`, then --baseline /tmp/old/edgellm), imported
@@ -33,18 +38,25 @@ def baseline_package(src: str):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("bundle")
-    p.add_argument("profile")
+    p.add_argument("profile", help="neuron profile(s), comma-separated")
     p.add_argument("budget")
     p.add_argument("tokens", type=int)
     p.add_argument("--baseline", help="another edgellm package directory: adds its naive mode as a configuration")
+    p.add_argument("--configs", default="", help="comma-separated configuration names to run (default: all)")
     a = p.parse_args()
     b = load_bundle(a.bundle, verify=False, allow_target_mismatch=True)
-    prof = load_profile(a.profile)
-    cfgs = {"naive": dict(mode="naive"), "neuron": dict(mode="neuron"),
-            "neuron+pred+win4": dict(mode="neuron", predictor=prof, window=4),
-            "neuron+pred+win4+split": dict(mode="neuron", predictor=prof, window=4, split_devices="cpu"),
-            "neuron+split": dict(mode="neuron", split_devices="cpu"),
-            "neuron+split inline (1 thread)": dict(mode="neuron", split_devices="inline")}
+    files = a.profile.split(",")
+    cfgs = {"naive": dict(mode="naive"), "neuron": dict(mode="neuron")}
+    for f in files:
+        prof, tag = load_profile(f), "" if len(files) == 1 else f" [{Path(f).stem}]"
+        cfgs[f"neuron+pred+win4{tag}"] = dict(mode="neuron", predictor=prof, window=4)
+        cfgs[f"neuron+pred+win4 no guess{tag}"] = dict(mode="neuron", predictor=prof, window=4, guess=False)
+        cfgs[f"neuron+pred+win4+split{tag}"] = dict(mode="neuron", predictor=prof, window=4, split_devices="cpu")
+    cfgs.update({"neuron+split": dict(mode="neuron", split_devices="cpu"),
+                 "neuron+split inline (1 thread)": dict(mode="neuron", split_devices="inline")})
+    if a.configs:
+        keep = a.configs.split(",")
+        cfgs = {k: v for k, v in cfgs.items() if k == "naive" or k.split(" [")[0] in keep}
     makers = {k: (b, make_budgeted_model) for k in cfgs}
     if a.baseline:
         old_bundle, old_memory = baseline_package(a.baseline)
@@ -72,12 +84,12 @@ def main() -> None:
     old = np.median(st["naive (baseline code)"][4]) if a.baseline else None
     print(f"budget {a.budget}, {a.tokens} decode tokens per config, interleaved; medians")
     print("| config | wall s/token | tok/s | vs naive | " + ("vs baseline naive | " if old else "")
-          + "CPU s/token (all threads) | MB read/token |")
-    print("|---|---|---|---|---|---|" + ("---|" if old else ""))
+          + "CPU s/token (all threads) | MB read/token | neurons computed/token |")
+    print("|---|---|---|---|---|---|---|" + ("---|" if old else ""))
     for k, s in st.items():
         w, c = np.median(s[4]), np.median(s[5])
         print(f"| {k} | {w:.3f} | {1 / w:.2f} | {base / w:.2f}x | " + (f"{old / w:.2f}x | " if old else "")
-              + f"{c:.3f} | {s[0].stats.bytes_per_token / 1e6:.1f} |")
+              + f"{c:.3f} | {s[0].stats.bytes_per_token / 1e6:.1f} | {100 * s[0].stats.computed_fraction:.1f}% |")
         s[0].close()
 
 

@@ -108,6 +108,7 @@ def compile_model(model: str | os.PathLike, target: str = "x86-64", out: str | o
                   backends: tuple[str, ...] | None = None, quant: str = "gguf-native", report: bool = False,
                   with_wheels: bool = False, device_python: str = "3.11", profile_neurons: bool = False,
                   calibration: str | os.PathLike | None = None, sparsity: float = 0.5,
+                  neuron_options: dict | None = None,
                   group_size: int | None = None, asym: bool = False, integer_only: bool = False,
                   kv_int8: bool = False, act: str = "dynamic", calib_tokens: int = 2048, zero: str | None = None,
                   progress: bool = False, log=print) -> CompileResult:
@@ -115,6 +116,7 @@ def compile_model(model: str | os.PathLike, target: str = "x86-64", out: str | o
 
     backends None: onnxruntime, tvm and tvm-relax for gguf-native; none for an integer `quant` (w8a8, w4a8,
     w4a16, w8a16), whose quantized model (calibrated on `calibration` text) runs on the runtime's int backend.
+    neuron_options: overrides of profile_neurons's defaults (max_tokens, recall, val_fraction) for --profile-neurons.
     """
     t = get_target(target)
     qc = quant_config(quant, group_size, asym, integer_only, kv_int8, act, calib_tokens, zero)
@@ -213,7 +215,7 @@ def compile_model(model: str | os.PathLike, target: str = "x86-64", out: str | o
         if profile_neurons:
             from .profile_neurons import calibration_texts
             from .profile_neurons import profile_neurons as profile
-            prof = profile(loaded, calibration_texts(calibration), sparsity=sparsity, log=log)
+            prof = profile(loaded, calibration_texts(calibration), sparsity=sparsity, log=log, **(neuron_options or {}))
             extra["neurons.npz"] = prof.save(scratch / "neurons.npz")
             stage("profile-neurons")
         if with_wheels:

@@ -27,7 +27,7 @@ def make_budgeted_model(loaded, budget, mode: str = "naive", predictor=None, win
                         storage=None, threads: int | None = None, act_quant: str = "ggml",
                         evict_page_cache: bool = True, coalesce_bytes: int | None = None,
                         profile: NeuronProfile | None = None, split_devices=None,
-                        direct_io: bool = False) -> StreamingBackend:
+                        direct_io: bool = False, guess: bool = True) -> StreamingBackend:
     """A StreamingBackend for a loaded bundle under `budget` ("60MB", "35%", or bytes).
 
     mode: "naive" (whole layers, read in full when not resident), "neuron" (per-neuron records; every
@@ -42,6 +42,8 @@ def make_budgeted_model(loaded, budget, mode: str = "naive", predictor=None, win
     split_devices: None/"off" (one device) or "cpu" (PowerInfer-style hot/cold split: the resident hot
     neurons computed by a second device, here a CPU worker thread; needs neuron mode) or a ComputeDevice.
     direct_io: read with O_DIRECT (page cache bypassed; falls back with a warning where the filesystem refuses).
+    guess: with a predictor, prefetch (and compute) the neurons it predicts from the layer input while attention
+    runs; False reads and computes only the neurons predicted from the FFN input.
     """
     if mode == "sparse":
         mode, predictor = "neuron", predictor or "bundle"
@@ -74,4 +76,5 @@ def make_budgeted_model(loaded, budget, mode: str = "naive", predictor=None, win
                           window=window, extra_resident={"predictor": profile.predictor_bytes if want else 0},
                           storage=storage, evict_page_cache=evict_page_cache, coalesce_bytes=coalesce_bytes,
                           prefetch=prefetch, spec=budget, direct_io=direct_io)
-    return StreamingBackend(loaded.config, store, profile if want else None, prefetch, act_quant, threads, device)
+    return StreamingBackend(loaded.config, store, profile if want else None, prefetch, act_quant, threads, device,
+                            guess)

@@ -4,8 +4,10 @@ Same functions as model.py (rms_norm, rope, attention, silu, ggml activation rou
 weight resident, or in naive mode, or in neuron mode with every neuron active, the logits are
 bit-identical to `Transformer`. With a predictor, each layer computes only the neurons it predicts
 for the FFN input; the I/O thread reads the next layer's attention block and, while this layer's
-attention computes, the neurons predicted from the layer input (a guess refined at FFN time); without a
-predictor every neuron is needed, so it reads the next layer's streamed neurons during this layer.
+attention computes, the neurons predicted from the layer input (a guess refined at FFN time; the guessed
+neurons are computed too, having been read: `guess=False` reads only the FFN-time prediction, which is
+what the predictor alone skips); without a predictor every neuron is needed, so it reads the next
+layer's streamed neurons during this layer.
 With a second compute device (devices.py), the resident hot neurons run there and the streamed cold
 ones here, partial outputs summed per layer (equal to the one-device result to float tolerance).
 """
@@ -32,8 +34,8 @@ class StreamingBackend(Backend):
 
     def __init__(self, cfg: ModelConfig, store: StreamedStore, predictor: NeuronProfile | None = None,
                  prefetch: bool = True, act_quant: str = "ggml", threads: int | None = None,
-                 device: ComputeDevice | None = None):
-        self.cfg, self.store, self.predictor = cfg, store, predictor
+                 device: ComputeDevice | None = None, guess: bool = True):
+        self.cfg, self.store, self.predictor, self.guess = cfg, store, predictor, guess
         self.prefetch, self.act_quant, self.threads = prefetch, act_quant, threads
         self.output_name = "token_embd.weight" if cfg.tied_embeddings else "output.weight"
         self.device = device
@@ -68,7 +70,7 @@ class StreamingBackend(Backend):
                 st.prefetch_neurons(i, np.arange(c.ffn_dim))          # (no-op when already read or in flight)
                 if i + 1 < c.n_layers:               # within this forward, so its reads are done when it returns
                     st.prefetch_neurons(i + 1, np.arange(c.ffn_dim))
-            else:
+            elif self.guess:
                 guess = self.predictor.predict(i, rms_norm(x, W[p + "ffn_norm.weight"].w, c.norm_eps))
                 st.prefetch_neurons(i, np.nonzero(guess.any(axis=0))[0])
         if self.prefetch:
