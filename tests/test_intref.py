@@ -221,6 +221,21 @@ def test_save_load_roundtrip(tiny, qmodels, tmp_path):
     assert np.array_equal(a, b)
 
 
+def test_saved_layout_is_what_build_derives(qmodels, tmp_path, monkeypatch):
+    """QuantizedModel.save stores each w4 linear's row exponents and largest |w|; a loaded model's build uses
+    them (no pass over the scales) and gets the same constants as deriving them."""
+    qm = qmodels["w4a8"]
+    back = IR.QuantizedModel.load(qm.save(tmp_path / "m.npz"))
+    names = [n for n in qm.linear_names() if IR.linear_bits(qm.tensors, n, qm.qconfig) == 4]
+    assert names and all(n + ".amax" in back.tensors and n + ".amax" not in qm.tensors for n in names)
+    derived = {n: IR.IntLinear.build(qm.tensors, n, qm.qconfig) for n in names}
+    monkeypatch.setattr(IR.IntLinear, "w4_layout", lambda *a, **k: pytest.fail("derived again after load"))
+    for n in names:
+        got = IR.IntLinear.build(back.tensors, n, qm.qconfig)
+        assert np.array_equal(got.row_scale, derived[n].row_scale) and got.acc_bits == derived[n].acc_bits
+        assert np.array_equal(got.w, derived[n].w)
+
+
 def test_weight_only_scheme_refuses_integer_only(qmodels):
     with pytest.raises(EdgeLLMError, match="w8a8 or w4a8"):
         IntBackend(qmodels["w4a16"], mode="integer")

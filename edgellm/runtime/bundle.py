@@ -55,6 +55,7 @@ get() equals the source dequantized. Nothing is re-quantized and the bundle is n
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -62,8 +63,6 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
-from gguf import GGMLQuantizationType
-from gguf.quants import quant_shape_to_byte_shape
 
 from ..devices.targets import host_matches, host_target
 from ..errors import EdgeLLMError, ModelFormatError
@@ -76,10 +75,9 @@ SUPPORTED_SCHEMA_VERSIONS = (1,)
 MANIFEST = "manifest.json"
 RECOPY = "re-copy the bundle from the machine that compiled it (or compile it again)"
 
-# tensor types stored as typed arrays (as gguf_file exposes them); all others are uint8 block rows
-TYPED = {GGMLQuantizationType.F32: "<f4", GGMLQuantizationType.F16: "<f2", GGMLQuantizationType.F64: "<f8",
-         GGMLQuantizationType.I8: "<i1", GGMLQuantizationType.I16: "<i2", GGMLQuantizationType.I32: "<i4",
-         GGMLQuantizationType.I64: "<i8"}
+# tensor types stored as typed arrays (as gguf_file exposes them); all others are uint8 block rows. Keyed by
+# GGMLQuantizationType's values (an IntEnum: its members look these up), so importing this needs no gguf.
+TYPED = {0: "<f4", 1: "<f2", 28: "<f8", 24: "<i1", 25: "<i2", 26: "<i4", 27: "<i8"}   # F32 F16 F64 I8 I16 I32 I64
 
 
 QUANT_MODEL = "quant/model.npz"   # where `edgellm compile --quant` puts the integer model inside a bundle
@@ -269,8 +267,6 @@ class BundleStore(WeightStore):
         self.regions = w.get("regions", {})
         self.down_bits = w.get("down_bits", {})
         self._t = w["tensors"]
-        self._infos = {n: TensorInfo(n, GGMLQuantizationType[t["qtype"]], tuple(t["shape"]), int(t["nbytes"]))
-                       for n, t in self._t.items()}
         f = self.path / w["file"]
         self.file = f
         self._mm = np.memmap(f, dtype=np.uint8, mode="r") if f.stat().st_size else np.zeros(0, np.uint8)
@@ -282,6 +278,13 @@ class BundleStore(WeightStore):
 
     # ---- WeightStore ----
 
+    @functools.cached_property
+    def _infos(self) -> dict[str, TensorInfo]:
+        """Built on first use: an integer bundle's run never reads the float tensors (nor imports gguf)."""
+        from gguf import GGMLQuantizationType
+        return {n: TensorInfo(n, GGMLQuantizationType[t["qtype"]], tuple(t["shape"]), int(t["nbytes"]))
+                for n, t in self._t.items()}
+
     def info(self, name: str) -> TensorInfo:
         try:
             return self._infos[name]
@@ -290,10 +293,13 @@ class BundleStore(WeightStore):
                                    "the bundle is incomplete or was compiled for another architecture") from None
 
     def names(self) -> Iterator[str]:
-        return iter(self._infos)
+        return iter(self._t)
 
     def __contains__(self, name: str) -> bool:
-        return name in self._infos
+        return name in self._t
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._t[name]["shape"]) if name in self._t else self.info(name).shape
 
     def raw(self, name: str) -> np.ndarray:
         i = self.info(name)
@@ -309,7 +315,7 @@ class BundleStore(WeightStore):
 
     def get(self, name: str) -> np.ndarray:
         i = self.info(name)
-        if i.qtype == GGMLQuantizationType.BF16:  # same widening as the safetensors store
+        if i.qtype.name == "BF16":                # same widening as the safetensors store
             bits = self.raw(name).view("<u2").astype(np.uint32) << 16
             return bits.view(np.float32).reshape(i.shape)
         return dequantize(self.raw(name), i.qtype, i.shape)
@@ -379,6 +385,7 @@ class BundleStore(WeightStore):
     def _typed(data: np.ndarray, i: TensorInfo) -> np.ndarray:
         if i.qtype in TYPED:
             return data.reshape(-1).view(TYPED[i.qtype]).reshape(i.shape)
+        from gguf.quants import quant_shape_to_byte_shape
         return data.reshape(quant_shape_to_byte_shape(i.shape, i.qtype))
 
 

@@ -229,19 +229,37 @@ class QuantizedModel:
         return 8.0 * sum(self.linear_bytes().values()) / n
 
     def nbytes(self) -> int:
-        """Bytes of the whole model as stored (int8 embedding/head, float norm vectors, calibration constants)."""
+        """Bytes of the whole model as stored (int8 embedding/head, float norm vectors, calibration constants);
+        the layout save() derives and adds (row exponents, largest |w|) is not model data and not counted."""
         lin = self.linear_bytes()
         total = sum(lin.values())
         for k, a in self.tensors.items():
             base, _, suffix = k.rpartition(".")
-            if not (base in lin and suffix in ("q", "scale", "zero", "min")):     # linears counted above
+            if not (base in lin and suffix in ("q", "scale", "zero", "min", "row_exp", "amax")):   # counted above
                 total += a.nbytes
         return total
+
+    def layout(self) -> dict[str, np.ndarray]:
+        """`name.row_exp` (int16 [rows]) and `name.amax` of every w4 linear of an integer scheme: what
+        IntLinear.build derives from the scales and codes (IntLinear.w4_layout), stored so loading on a device
+        skips that pass over every scale."""
+        t, qc, out = self.tensors, self.qconfig, {}
+        if qc.a_bits != 8:
+            return out
+        for n in self.linear_names():
+            if linear_bits(t, n, qc) == 4 and n + ".amax" not in t:
+                try:
+                    base, amax = IntLinear.w4_layout(t, n, qc)
+                except EdgeLLMError:                  # no integer form: integer mode refuses it at load
+                    continue
+                out[n + ".row_exp"], out[n + ".amax"] = base[:, 0].astype(np.int16), np.int64(amax)
+        return out
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         meta = {"config": self.config.to_dict(), "qconfig": asdict(self.qconfig), "report": self.report}
-        np.savez(path, __meta__=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8), **self.tensors)
+        np.savez(path, __meta__=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8), **self.tensors,
+                 **self.layout())
         return path if path.suffix == ".npz" else path.with_suffix(path.suffix + ".npz")
 
     @classmethod
@@ -504,27 +522,37 @@ class IntLinear:
     @classmethod
     def build(cls, t: dict, name: str, qc: QuantConfig, max_shift: int = 20) -> "IntLinear":
         """w = the codes as integers (w8), or per group a * u + b for w4 codes u (_w4_affine); acc_bits from the
-        largest |w|, found without expanding the matrix: w is affine in the code within a group, so only groups
-        whose bound over all 16 codes could beat the best are read. w itself is made on first use, from t."""
-        q = t[name + ".q"]
+        largest |w| (w4_layout, or as QuantizedModel.save stored it). w itself is made on first use, from t."""
         if linear_bits(t, name, qc) == 8:
+            q = t[name + ".q"]
             amax = max(int(q.max(initial=0)), -int(q.min(initial=0)))
             return cls._checked(name, lambda: t[name + ".q"].astype(np.float64), t[name + ".scale"].astype(np.float64),
                                 amax, q.shape[1])
-        a, b, base = cls._w4_affine(t, name, qc, max_shift)
-        ub = np.maximum(np.abs(b), np.abs(15 * a + b))
-        groups = q.reshape(q.shape[0], -1, qc.group_size // 2)
-        exact = lambda sel: int(np.abs(a[sel][:, None] * unpack_int4(groups[sel]) + b[sel][:, None]).max(  # noqa: E731
-            initial=0))
-        amax = exact(ub == ub.max(initial=0))
-        amax = max(amax, exact(ub > amax))
+        if name + ".amax" in t:                       # stored by QuantizedModel.save: no pass over the scales
+            base, amax = t[name + ".row_exp"].astype(np.int64)[:, None], int(t[name + ".amax"])
+        else:
+            base, amax = cls.w4_layout(t, name, qc, max_shift)
 
         def expand() -> np.ndarray:                   # holds nothing but t and the name until asked
             a, b, _ = cls._w4_affine(t, name, qc, max_shift)
             u = unpack_int4(t[name + ".q"])
             wi = u.reshape(u.shape[0], -1, qc.group_size) * a[..., None] + b[..., None]
             return wi.reshape(u.shape).astype(np.float64)
-        return cls._checked(name, expand, np.ldexp(1.0, base[:, 0]).astype(np.float64), amax, 2 * q.shape[1])
+        cols = t[name + ".scale"].shape[1] * qc.group_size
+        return cls._checked(name, expand, np.ldexp(1.0, base[:, 0]).astype(np.float64), amax, cols)
+
+    @classmethod
+    def w4_layout(cls, t: dict, name: str, qc: QuantConfig, max_shift: int = 20) -> tuple[np.ndarray, int]:
+        """(row exponent base [rows, 1], largest |w|) of a w4 linear (w = (a * u + b) * 2^base, _w4_affine):
+        the largest |w| is found without expanding the matrix, as w is affine in the code within a group, so
+        only groups whose bound over all 16 codes could beat the best are read."""
+        a, b, base = cls._w4_affine(t, name, qc, max_shift)
+        ub = np.maximum(np.abs(b), np.abs(15 * a + b))
+        groups = t[name + ".q"].reshape(a.shape[0], -1, qc.group_size // 2)
+        exact = lambda sel: int(np.abs(a[sel][:, None] * unpack_int4(groups[sel]) + b[sel][:, None]).max(  # noqa: E731
+            initial=0))
+        amax = exact(ub == ub.max(initial=0))
+        return base, max(amax, exact(ub > amax))
 
     @staticmethod
     def _w4_affine(t: dict, name: str, qc: QuantConfig, max_shift: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

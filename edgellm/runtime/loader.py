@@ -104,7 +104,7 @@ def check_weights(cfg: ModelConfig, store: WeightStore) -> None:
     for name, shape in want.items():
         if name not in store:
             raise ModelFormatError(f"tensor {name!r} is missing", "the model file is incomplete or for another architecture")
-        got = tuple(store.info(name).shape)
+        got = tuple(store.shape(name))
         if got != shape:
             raise ModelFormatError(f"tensor {name!r} has shape {got}, expected {shape} from the model config",
                                    "the model file is corrupt or its metadata does not match its tensors")

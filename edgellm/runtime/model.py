@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from .act_quant import block_mins, quantized_matmul
 from .config import ModelConfig
 from .kv_cache import KVCache
 from .weights import WeightStore
@@ -86,6 +85,7 @@ class Transformer:
                 self._block_mins(name, w.shape[0])
 
     def _block_mins(self, name: str, rows: int) -> np.ndarray | None:
+        from .act_quant import block_mins      # imports gguf (~0.1 s): only float GGUF models pay for it
         if name not in self._mins:
             self._mins[name] = block_mins(self.w.raw(name), self.w.qtype(name), rows)
         return self._mins[name]
@@ -93,6 +93,7 @@ class Transformer:
     def linear(self, x: np.ndarray, name: str) -> np.ndarray:
         w = self.w.get(name)
         if self.act_quant == "ggml":
+            from .act_quant import quantized_matmul
             y = quantized_matmul(x, w, self.w.qtype(name), mins=self._block_mins(name, w.shape[0]))
         else:
             y = x @ w.T

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
-from gguf import GGMLQuantizationType, quants
 
 from ..errors import ModelFormatError
+
+if TYPE_CHECKING:                 # gguf costs ~0.1 s to import: loaded where a tensor is decoded
+    from gguf import GGMLQuantizationType
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,9 @@ class WeightStore(ABC):
     def qtype(self, name: str) -> GGMLQuantizationType:
         return self.info(name).qtype
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.info(name).shape
+
     def stored_bytes(self) -> int:
         return sum(self.info(n).nbytes for n in self.names())
 
@@ -60,6 +65,7 @@ class WeightStore(ABC):
 
 def dequantize(raw: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, ...]) -> np.ndarray:
     """Stored tensor -> float32 array of `shape`, through the gguf library's dequantizers."""
+    from gguf import GGMLQuantizationType, quants
     if qtype == GGMLQuantizationType.F32:
         out = np.asarray(raw, dtype=np.float32)
     else:
