@@ -260,6 +260,40 @@ def test_attention_kernel(ops, scheme, T, pos):
 
 # ---------------------------------------------------------------- fast path kernels vs intref
 
+def check_qkv_post(ref, lib, names, T: int, n_ctx: int = 30, n_rope: int = 40, big: bool = False):
+    """qkv_post == intref's RoPE + quant_dynamic of q and k and the static v requant, with k8 / amax / v8 written
+    into rows pos .. pos + T - 1 of one layer of a junk-filled cache (IntKVCache.update_int) and nothing else
+    changed; the RoPE tables longer than the cache. big: heads with amax past the vector quantization's range."""
+    from edgellm.runtime.tvm_int_backend import int_buffer
+    c, L, layer = ref.cfg, ref.layers[1], 1
+    H, KVH, d = c.n_heads, c.n_kv_heads, c.head_dim
+    qkv = activations(T, (H + 2 * KVH) * d, bits=30)
+    if big:
+        qkv[:, :d] <<= 26                                   # first q head past 2^51 / 255
+        qkv[:, H * d:(H + 1) * d] <<= 26                    # first k head too
+    cos, sin = IR.rope_q15(c, n_rope)
+    pos = n_ctx - T
+    shape = (c.n_layers, n_ctx, KVH, d)
+    cache = [RNG.integers(-127, 128, size=shape).astype(np.int8), RNG.integers(0, 1 << 30, size=shape[:3]),
+             RNG.integers(-127, 128, size=shape).astype(np.int8)]
+    bufs = [int_buffer(a) for a in cache]
+    q_dt = np.int8 if ref.qc.q_bits == 8 else np.int16
+    got = run(lib[names["qkv_post"]], qkv, cos, sin, pos, L["vm"].astype(np.int64), L["vsh"].astype(np.int64),
+              *bufs, layer, out=[((T, H * d), q_dt), ((T, H), np.int64)])
+    q, k, v = np.split(qkv, [H * d, (H + KVH) * d], axis=1)
+    rope = lambda z, h: IR.int_rope(z.reshape(T, h, d), cos[pos:pos + T], sin[pos:pos + T],  # noqa: E731
+                                    c.rope_neox, c.rope_dim)
+    want_q = IR.quant_dynamic(rope(q, H), (1 << (ref.qc.q_bits - 1)) - 1)
+    assert all(np.array_equal(g, w.reshape(g.shape)) for g, w in zip(got, want_q))
+    k8, ka = IR.quant_dynamic(rope(k, KVH))
+    v8 = np.clip(IR.requant(v, L["vm"], L["vsh"]), -127, 127).reshape(T, KVH, d)
+    want = IR.IntKVCache(c, n_ctx)
+    want.k[...], want.kamax[...], want.v[...] = cache
+    want.update_int(layer, pos, k8, ka[..., 0], v8)
+    for b, w in zip(bufs, (want.k, want.kamax, want.v)):
+        assert np.array_equal(b.np, w)
+
+
 @pytest.mark.parametrize("T", [1, 5])
 def test_fused_elementwise_kernels(ops, T):
     """norm + quant, residual + norm + quant, RoPE + quant of q|k|v, SiLU * up + quant == intref's steps."""
@@ -273,18 +307,7 @@ def test_fused_elementwise_kernels(ops, T):
     got = run(lib[names["res_norm_quant"]], x, o, ref.g_out.astype(np.int64), ref.eps_q, out=[(x.shape, np.int64), *q8])
     xo = np.clip(x + o, -lim, lim)
     assert all(np.array_equal(g, w) for g, w in zip(got, (xo, *IR.quant_dynamic(ref._int_norm(xo, ref.g_out)))))
-    H, KVH, d = c.n_heads, c.n_kv_heads, c.head_dim
-    qkv = activations(T, (H + 2 * KVH) * d, bits=30)
-    cos, sin = IR.rope_q15(c, 40)
-    pos = 40 - T
-    got = run(lib[names["qkv_post"]], qkv, cos, sin, pos, L["vm"].astype(np.int64), L["vsh"].astype(np.int64),
-              out=[((T, H * d), np.int8), ((T, H), np.int64), ((T, KVH * d), np.int8), ((T, KVH), np.int64),
-                   ((T, KVH * d), np.int8)])
-    q, k, v = np.split(qkv, [H * d, (H + KVH) * d], axis=1)
-    rope = lambda z, h: IR.int_rope(z.reshape(T, h, d), cos[pos:], sin[pos:], c.rope_neox, c.rope_dim)  # noqa: E731
-    want = [*IR.quant_dynamic(rope(q, H)), *IR.quant_dynamic(rope(k, KVH)),
-            np.clip(IR.requant(v, L["vm"], L["vsh"]), -127, 127)]
-    assert all(np.array_equal(g, w.reshape(g.shape)) for g, w in zip(got, want))
+    check_qkv_post(ref, lib, names, T)
     g, u = activations(T, c.ffn_dim, bits=26), activations(T, c.ffn_dim, bits=20)
     fg = int(L["fg"])
     fe = min(fg, IR.SCORE_F)
@@ -416,7 +439,7 @@ def test_npz_tensors_read_like_np_load(built, tmp_path):
     qm, _ = built["w4a8-g32-mp"]
     path = qm.save(tmp_path / "qm.npz")
     t = NpzTensors(path)
-    assert set(t) == set(qm.tensors) | {"__meta__"}
+    assert set(t) == set(qm.tensors) | set(qm.layout()) | {"__meta__"}
     for k, a in qm.tensors.items():
         assert t.header(k) == (a.shape, a.dtype) and np.array_equal(t[k], a), k
     name = "blk.1.ffn_down.weight.q"
@@ -501,13 +524,17 @@ def test_attention_t1_kernel(ops, scheme, pos):
     ka[layer, 0] = 0
     q8 = RNG.integers(-127, 128, size=(1, c.n_heads * c.head_dim)).astype(np.int8)
     qa = (RNG.integers(0, 1 << 20, size=(1, c.n_heads)) << RNG.integers(0, 12, size=(1, c.n_heads))).astype(np.int64)
-    args = (q8, qa, kc, ka, vc, L["om"].astype(np.int64), L["osh"].astype(np.int64), layer, pos,
-            *[int(v) for v in L["sc"]])
-    got = run(lib[names["attention_q8_t1"]], *args, out=[((1, c.n_heads * c.head_dim), np.int8), ((1, 1), np.int64)])
     S = pos + 1
-    want = IR.quant_dynamic(ref._int_attention(q8.reshape(1, c.n_heads, c.head_dim), qa, kc[layer, :S], ka[layer, :S],
-                                               vc[layer, :S], pos, L))
-    assert all(np.array_equal(g, w) for g, w in zip(got, want))
+    om, osh = L["om"].astype(np.int64), L["osh"].astype(np.int64)
+    # as calibrated; outputs past the float64 quantization's range (its integer fallback); left shifts (osh < 0)
+    for om_, osh_ in ((om, osh), (om, np.zeros_like(osh)), (om >> 8, RNG.integers(-3, 3, size=osh.shape))):
+        Lx = {**L, "om": om_, "osh": osh_}
+        args = (q8, qa, kc, ka, vc, om_, osh_, layer, pos, *[int(v) for v in L["sc"]])
+        got = run(lib[names["attention_q8_t1"]], *args,
+                  out=[((1, c.n_heads * c.head_dim), np.int8), ((1, 1), np.int64)])
+        want = IR.quant_dynamic(ref._int_attention(q8.reshape(1, c.n_heads, c.head_dim), qa, kc[layer, :S],
+                                                   ka[layer, :S], vc[layer, :S], pos, Lx))
+        assert all(np.array_equal(g, w) for g, w in zip(got, want))
 
 
 def test_round_div_by_matches_intref():
@@ -532,15 +559,26 @@ def test_round_div_by_matches_intref():
 
 @pytest.mark.parametrize("T", [1, 33])
 def test_silu_quant_kernels_one_row_and_rows(ops, T):
-    """SiLU * up + int8: the serial decode kernel (one row) and the row-parallel one == intref, with a zero row,
-    negative rows and gates past the exp's clamp."""
+    """SiLU * up + int8: the vector decode kernel (one row) and the row-parallel one == intref, with a zero row,
+    negative rows, gates past the exp's clamp, f below / at / above SCORE_F, and products past the float64
+    quantization's range (shift_h < 0: its integer fallback)."""
     ref, lib, names = ops["w4a8-g32"]
     c, L = ref.cfg, ref.layers[0]
     g, u = activations(T, c.ffn_dim, bits=30), activations(T, c.ffn_dim, bits=20)
-    fg = int(L["fg"])
-    fe = min(fg, IR.SCORE_F)
-    want = IR.quant_dynamic(IR.rshift_round(IR.int_silu(g, fg) * u, int(L["shift_h"])))
-    for name in (["silu_quant_t1"] if T == 1 else []) + ["silu_quant"]:
-        got = run(lib[names[name]], np.concatenate([g, u], axis=1), fg - fe, *IR.exp_consts(fe), int(L["shift_h"]),
-                  out=[((T, c.ffn_dim), np.int8), ((T, 1), np.int64)])
-        assert all(np.array_equal(a, b) for a, b in zip(got, want)), name
+    for fg, shift_h in ((int(L["fg"]), int(L["shift_h"])), (9, 3), (12, 0), (20, 17), (16, -6)):
+        fe = min(fg, IR.SCORE_F)
+        want = IR.quant_dynamic(IR.rshift_round(IR.int_silu(g, fg) * u, shift_h))
+        for name in (["silu_quant_t1"] if T == 1 else []) + ["silu_quant"]:
+            got = run(lib[names[name]], np.concatenate([g, u], axis=1), fg - fe, *IR.exp_consts(fe), shift_h,
+                      out=[((T, c.ffn_dim), np.int8), ((T, 1), np.int64)])
+            assert all(np.array_equal(a, b) for a, b in zip(got, want)), (name, fg, shift_h)
+    if T == 1:                      # the decode kernel's int32 exp needs the constants of f <= SCORE_F
+        with pytest.raises(Exception, match="SCORE_F"):
+            run(lib[names["silu_quant_t1"]], np.concatenate([g, u], axis=1), 0, *IR.exp_consts(IR.SCORE_F + 2), 0,
+                out=[((T, c.ffn_dim), np.int8), ((T, 1), np.int64)])
+
+
+@pytest.mark.parametrize("T,big", [(1, False), (1, True), (3, False), (2, True)])
+def test_qkv_post_writes_the_kv_cache(ops, T, big):
+    """qkv_post's RoPE + int8 q and its k / v rows written in place into the cache (see check_qkv_post)."""
+    check_qkv_post(*ops["w8a8"], T, big=big)

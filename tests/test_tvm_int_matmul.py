@@ -3,7 +3,9 @@
 Every kernel variant computes acc = x8 @ W_int.T as int64 from the stored weights; the oracle is intref's
 exact matmul over IntLinear.build(...).w, the matrix the integer forward uses. Weights and activations include
 the extremes: x8 = +-127 rows, all-0 / all-15 nibble rows, +-127 w8 rows, the largest 11-bit scale mantissa,
-group scales 2^20 apart (the largest shift IntLinear accepts) and a zero group scale. x86 AVX2 and the portable
+group scales 2^20 apart (the largest shift IntLinear accepts) and a zero group scale; the kernels read the fp16
+scales as stored, so rows of scales with widely spread exponents (fp16 subnormals, negative and zero scales, a
+dead row) check the fp16 -> float64 widening and the per-row 2^-base. x86 AVX2 and the portable
 variant run here; the AVX-512 VNNI variant is compiled only (no such CPU here); the aarch64 sdot (rpi5) and plain
 NEON (rpi4) variants are cross-compiled and run by the TVM runtime in arm64 python under qemu-aarch64.
 """
@@ -48,6 +50,26 @@ def quantized(fmt: str, rows: int, cols: int, seed: int) -> tuple[dict, IR.Quant
     scale = (1 + rng.random((rows, ng))) * 2.0 ** rng.integers(-14, -4, (rows, ng))
     scale[:, 0], scale[:, -1] = 2.0 ** -24, 2047 * 2.0 ** -4    # 2047 << 20 apart (fp16 subnormal 1 x 2^-24)
     scale[2, ng // 2] = 0.0                                                   # a dead group
+    return {NAME + ".q": IR.pack_int4(codes), NAME + ".scale": scale.astype(np.float16)}, \
+        IR.QuantConfig("w4a8", group_size=g)
+
+
+def quantized_wide(fmt: str, rows: int, cols: int, seed: int) -> tuple[dict, IR.QuantConfig]:
+    """w4 scales whose exponents differ a lot within a row: value m * 2^(lo + k), m an 11-bit mantissa (or
+    less), lo the row's lowest unit (down to fp16's subnormal 2^-24), k up to the 20-bit span IntLinear
+    accepts; negative, zero and all-zero rows too. The kernels read the fp16 scales as stored."""
+    bits, g = FORMATS[fmt]
+    rng = np.random.default_rng(seed)
+    ng = cols // g
+    lo = rng.integers(-24, -8, (rows, 1))
+    k = rng.integers(0, 21, (rows, ng))
+    k = np.minimum(k, 4 - lo)                                    # 2047 * 2^4 < fp16 max
+    scale = rng.integers(1, 2048, (rows, ng)) * 2.0 ** (lo + k) * rng.choice([1, -1], (rows, ng), p=[0.8, 0.2])
+    scale[:, 0] = 2.0 ** lo[:, 0]                                # each row's lowest unit, subnormal below 2^-14
+    scale[rng.random((rows, ng)) < 0.15] = 0.0
+    scale[3] = 0.0                                               # a dead row
+    assert (scale.astype(np.float16).astype(np.float64) == scale).all()
+    codes = rng.integers(0, 16, (rows, cols)).astype(np.uint8)
     return {NAME + ".q": IR.pack_int4(codes), NAME + ".scale": scale.astype(np.float16)}, \
         IR.QuantConfig("w4a8", group_size=g)
 
@@ -121,6 +143,9 @@ def test_bit_identical_to_integer_reference(tvm, isa):
     specs = cases(rows=40, cols=384)
     specs.update(cases(8, 96, seed=7, formats=("w4g32",), tag="narrow"))          # 96 % 64: generic steps
     specs.update(cases(24, 256, seed=30, formats=("w8", "w4g128"), make=quantized_real, tag="real"))
+    specs.update(cases(16, 576, seed=50, formats=("w4g32", "w4g64"), make=quantized_wide, tag="wide"))
+    specs.update(cases(8, 2304, seed=70, formats=("w4g32",), tag="long"))     # 2 blocks of 18 steps (avx2)
+    specs.update(cases(8, 64, seed=75, formats=("w4g32",), tag="one-step"))   # a block of 1 step
     lib = build(tvm, specs, TARGETS[isa], isa)
     for name, (x8, w, ref, (rows, *_)) in specs.items():
         for i in range(TOKENS):
@@ -145,6 +170,33 @@ def test_prefill_token_blocks(tvm, T):
     assert np.array_equal(run(lib["mm"], x8, pack_for_kernel(t, NAME, qc), 24), reference(t, qc, x8))
 
 
+def test_fused_requant_matches_intref(tvm):
+    """The requant fused per output (IntLinear.__call__'s tail, the token's amax kept to 16 bits) with per-row
+    m, s and pre (linears sharing an input concatenate their rows): == intref's formula on the
+    exact accumulator, decode and prefill, for amax below and above 2^16."""
+    from edgellm.compiler.tvm_int_matmul import int_matmul_func
+    target = TARGETS["avx2" if host_has("avx2") else "generic"]
+    rng = np.random.default_rng(90)
+    specs = cases(24, 256, seed=80, formats=("w8", "w4g32"), make=quantized_real)
+    for name, (x8, w, acc, (rows, cols, bits, g)) in specs.items():
+        amax = np.array([[3], [70000], [2 ** 40 + 12345], [1], [65535]], np.int64)
+        m = rng.integers(1 << 29, 1 << 31, rows)
+        pre = rng.integers(0, 9, rows)
+        s = pre + rng.integers(20, 50, rows)
+        sa = np.maximum(IR.bitlen(amax) - 16, 0)
+        prod = acc * IR.rshift_round(amax, sa)
+        want = IR.rshift_round(IR.rshift_round(prod, pre[None]) * m[None], (s - pre)[None] - sa)
+        funcs = {T or "T": int_matmul_func(rows, cols, bits, g, target, T) for T in (1, None)}
+        lib = tvm.compile(tvm.IRModule({f"f{k}": f.with_attr("global_symbol", f"f{k}") for k, f in funcs.items()}),
+                          target=tvm.target.Target(target))
+        dev = tvm.cpu()
+        for fn, rows_t in ((lib["fT"], slice(None)), (lib["f1"], slice(2, 3))):
+            xs, a = x8[rows_t], amax[rows_t]
+            out = tvm.runtime.tensor(np.zeros((len(xs), rows), np.int64), dev)
+            fn(*[tvm.runtime.tensor(v, dev) for v in (xs, *w, a, m, s, pre)], out)
+            assert np.array_equal(out.numpy(), want[rows_t]), name
+
+
 def test_vnni_variant_compiles_to_vpdpbusd(tvm):
     """No AVX-512 VNNI CPU here: the variant must pass LLVM's verifier and use vpdpbusd (not run)."""
     from edgellm.compiler.tvm_int_matmul import int_matmul_func, kernel_isa
@@ -154,6 +206,24 @@ def test_vnni_variant_compiles_to_vpdpbusd(tvm):
     lib = tvm.compile(tvm.IRModule({n: f.with_attr("global_symbol", n) for n, f in funcs.items()}),
                       target=tvm.target.Target(target))
     assert "vpdpbusd" in lib.mod.inspect_source("asm")
+
+
+def test_fp16_scales_widened_in_hardware_and_weights_prefetched(tvm):
+    """The w4 kernels read the fp16 scales with F16C's vcvtph2ps where the target has it, never through LLVM's
+    soft-float call (x86 without F16C moves the bits instead), and prefetch the rows ahead (compiled, not run)."""
+    import re
+    from edgellm.compiler.tvm_int_matmul import int_matmul_func, native_f16
+    asm = {}
+    for isa in ("avx2", "generic", "avx512vnni"):
+        target = TARGETS[isa]
+        fn = int_matmul_func(16, 576, 4, 32, target, 1)
+        lib = tvm.compile(tvm.IRModule({"mm": fn.with_attr("global_symbol", "mm")}), target=tvm.target.Target(target))
+        asm[isa] = lib.mod.inspect_source("asm")
+        assert not re.search(r"call\w*\s+__extendhfsf2", asm[isa]), isa
+        assert "prefetcht0" in asm[isa], isa
+    assert native_f16(TARGETS["avx2"]) and not native_f16(TARGETS["generic"])
+    assert "vcvtph2ps" in asm["avx2"] and "vcvtph2ps" in asm["avx512vnni"] and "vcvtph2ps" not in asm["generic"]
+    assert "vphaddw" in asm["avx2"] and "vphaddd" in asm["avx512vnni"]        # one int32 per group (_w4_quad)
 
 
 def test_kernel_isa_follows_the_target(tvm):
@@ -170,9 +240,14 @@ def test_kernel_isa_follows_the_target(tvm):
 def test_pack_for_kernel_and_clear_errors(tvm):
     from edgellm.compiler.tvm_int_matmul import int_matmul_func, pack_for_kernel
     t, qc = quantized("w4g64", 8, 128, 3)
-    wq, scale = pack_for_kernel(t, NAME, qc)
-    assert wq.dtype == np.uint8 and wq.shape == (8, 64) and scale.shape == (8, 2) and scale.dtype == np.float64
-    assert scale.max() == 2047 * 2.0 ** 20 and scale[2, 1] == 0 and (scale == np.rint(scale)).all()
+    wq, scale, rowf = pack_for_kernel(t, NAME, qc)
+    assert wq.dtype == np.uint8 and wq.shape == (8, 64) and rowf.shape == (8,) and rowf.dtype == np.float64
+    assert scale.dtype == np.float16 and np.array_equal(scale, t[NAME + ".scale"])
+    units = scale.astype(np.float64) * rowf[:, None]          # the scales in units of the row's 2^base
+    assert units.max() == 2047 * 2.0 ** 20 and units[2, 1] == 0 and (units == np.rint(units)).all()
+    assert np.array_equal(np.log2(rowf), -IR.w4_group_scales(t, NAME, qc)[1][:, 0])
+    with pytest.raises(EdgeLLMError, match="fp16"):
+        pack_for_kernel({**t, NAME + ".scale": t[NAME + ".scale"].astype(np.float32)}, NAME, qc)
     asym = IR.QuantConfig("w4a8", group_size=64, symmetric=False)
     with pytest.raises(EdgeLLMError, match="symmetric"):
         pack_for_kernel({**t, NAME + ".zero": np.zeros((8, 1), np.uint8)}, NAME, asym)
@@ -212,6 +287,7 @@ def test_aarch64_kernels_bit_identical_under_qemu(tvm, arm_rootfs, tmp_path):  #
     from edgellm.compiler.tvm_int_matmul import kernel_isa
     from edgellm.devices.targets import get_target
     specs = cases(rows=24, cols=256, seed=20)
+    specs.update(cases(16, 256, seed=60, formats=("w4g32",), make=quantized_wide, tag="wide"))
     script = tmp_path / "run_arm.py"
     script.write_text(ARM_SCRIPT)
     procs = {}

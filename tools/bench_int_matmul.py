@@ -2,12 +2,17 @@
 """Per-token time of every SmolLM2-135M matmul: edgellm's compiled integer kernels vs numpy float32 vs
 onnxruntime's MatMulNBits.
 
-    python tools/bench_int_matmul.py [--scheme w4a8 --group-size 64] [--threads 2] [--tokens 20]
+    python tools/bench_int_matmul.py [--scheme w4a8 --group-size 64] [--threads 2] [--tokens 20] [--rounds 5]
+                                     [--baseline HEAD] [--no-ort] [--no-numpy]
 
 One decode token = 30 layers x (q, k, v, o, gate, up, down) at SmolLM2's 576 / 192 / 1536 dimensions plus
 the 49152 x 576 int8 head. Weights are random codes of the real shapes, a separate matrix per layer (so the
-weights stream from memory as in a real decode). Timings mean nothing on a loaded machine: the load average
-is printed with the results.
+weights stream from memory as in a real decode). --baseline REV also runs the kernels of git revision REV
+(its edgellm package, extracted with `git archive` and imported beside this checkout's) on the same weights,
+so a kernel change is measured against its predecessor in one process: the TVM engines run in alternating
+rounds (interleaved, so a load change hits them alike), numpy and onnxruntime after them (their thread pools
+keep spinning and would slow TVM's). Figures are the median over every call, with the weight bytes a call
+reads and the resulting GB/s. The load average is printed with the results.
 """
 from __future__ import annotations
 
@@ -46,22 +51,44 @@ def set_threads(n: int) -> None:
     tvm_ffi.get_global_func("runtime.config_threadpool")(1, n)
 
 
-def bench(fn, tokens: int) -> float:
-    """Median seconds of one call of fn over `tokens` calls (after one warm-up)."""
-    fn()
-    times = []
-    for _ in range(tokens):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def bench(fns: dict, tokens: int, rounds: int) -> dict[str, float]:
+    """Median seconds of one call of each fn: `rounds` alternating rounds of `tokens` calls, each block after an
+    untimed call."""
+    times = {n: [] for n in fns}
+    for r in range(rounds):
+        for n in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
+            fns[n]()
+            for _ in range(tokens):
+                t0 = time.perf_counter()
+                fns[n]()
+                times[n].append(time.perf_counter() - t0)
+    return {n: statistics.median(ts) for n, ts in times.items()}
 
 
-def tvm_token(layers, head, qc, target, threads: int):
-    """A function running one token's matmuls with the compiled kernels (buffers allocated once)."""
+def baseline_package(rev: str, tmp: Path):
+    """This checkout's edgellm package at git revision `rev`, imported as `edgellm_baseline` (its relative
+    imports stay inside it)."""
+    import importlib
+    import subprocess
+    import tarfile
+    import io
+    root = Path(__file__).resolve().parent.parent
+    data = subprocess.run(["git", "-C", str(root), "archive", rev, "edgellm"], check=True, capture_output=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        tar.extractall(tmp, filter="data")
+    (tmp / "edgellm").rename(tmp / "edgellm_baseline")
+    sys.path.insert(0, str(tmp))
+    return importlib.import_module("edgellm_baseline.compiler.tvm_int_matmul")
+
+
+def tvm_token(layers, head, qc, target, threads: int, mm=None):
+    """A function running one token's matmuls with the compiled kernels of module mm (default: this checkout's
+    edgellm.compiler.tvm_int_matmul), buffers allocated once, and the weight bytes a call reads."""
     import tvm
-    from edgellm.compiler.tvm_int_matmul import int_matmul_func, kernel_isa, pack_for_kernel
     from edgellm.runtime.tvm_backend import aligned_empty
+    if mm is None:
+        from edgellm.compiler import tvm_int_matmul as mm
+    int_matmul_func, kernel_isa, pack_for_kernel = mm.int_matmul_func, mm.kernel_isa, mm.pack_for_kernel
     g = qc.group_size if qc.w_bits == 4 else None
     funcs = {f"mm_{r}x{c}": int_matmul_func(r, c, qc.w_bits, g, target, 1) for r, c in set(SHAPES.values())}
     funcs["head"] = int_matmul_func(VOCAB, DIM, 8, None, target, 1)
@@ -83,18 +110,19 @@ def tvm_token(layers, head, qc, target, threads: int):
     def requant(rows: int) -> list:          # per-row multipliers, shifts and pre-shifts of a typical linear
         return [tensor(np.full(rows, v, np.int64)) for v in (1 << 30, 40, 4)] + [tensor(np.zeros((1, rows), np.int64))]
 
-    calls = []
+    calls, nbytes = [], head["w.q"].nbytes
     for layer in layers:
         for n, t in layer.items():
             rows, cols = SHAPES[n]
-            w = [tensor(a) for a in pack_for_kernel(t, "w", qc)]
-            calls.append((lib[f"mm_{rows}x{cols}"], (xs[cols], *w, amax, *requant(rows))))
+            arrays = pack_for_kernel(t, "w", qc)
+            nbytes += sum(a.nbytes for a in arrays)
+            calls.append((lib[f"mm_{rows}x{cols}"], (xs[cols], *[tensor(a) for a in arrays], amax, *requant(rows))))
     calls.append((lib["head"], (xs[DIM], tensor(head["w.q"]), amax, *requant(VOCAB))))
 
     def run():
         for f, args in calls:
             f(*args)
-    return run
+    return run, nbytes
 
 
 def numpy_token(layers, head, qc):
@@ -154,7 +182,10 @@ def main(argv=None) -> int:
     ap.add_argument("--scheme", default="w4a8", choices=["w4a8", "w8a8"])
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--threads", type=int, default=None, help="default: physical cores")
-    ap.add_argument("--tokens", type=int, default=20)
+    ap.add_argument("--tokens", type=int, default=20, help="calls per engine per round")
+    ap.add_argument("--rounds", type=int, default=5, help="alternating rounds")
+    ap.add_argument("--baseline", metavar="REV", help="also time the kernels of this git revision (e.g. HEAD)")
+    ap.add_argument("--no-numpy", action="store_true")
     ap.add_argument("--layers", type=int, default=LAYERS)
     ap.add_argument("--no-ort", action="store_true")
     a = ap.parse_args(argv)
@@ -168,18 +199,29 @@ def main(argv=None) -> int:
     head = random_linear(rng, VOCAB, DIM, None)
     print(f"SmolLM2-135M matmuls of one decode token: {a.layers} layers x 7 + head {VOCAB}x{DIM} (int8), "
           f"{qc.label}, {threads} threads")
-    results = {}
-    results["edgellm tvm int"] = bench(tvm_token(layers, head, qc, host_target(), threads), a.tokens)
-    with threadpool_limits(threads):
-        results["numpy float32"] = bench(numpy_token(layers, head, qc), a.tokens)
-    if not a.no_ort:
-        try:
-            results["onnxruntime MatMulNBits"] = bench(ort_token(layers, head, qc, threads), a.tokens)
-        except Exception as e:  # noqa: BLE001 - report and go on without ORT
-            print(f"onnxruntime MatMulNBits unavailable: {str(e).strip()[:300]}")
+    import tempfile
+    fns, nbytes, others = {}, {}, {}
+    fns["edgellm tvm int"], nbytes["edgellm tvm int"] = tvm_token(layers, head, qc, host_target(), threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        if a.baseline:
+            name = f"edgellm tvm int @{a.baseline}"
+            fns[name], nbytes[name] = tvm_token(layers, head, qc, host_target(), threads,
+                                                baseline_package(a.baseline, Path(tmp)))
+        if not a.no_numpy:
+            others["numpy float32"] = numpy_token(layers, head, qc)
+        if not a.no_ort:
+            try:
+                others["onnxruntime MatMulNBits"] = ort_token(layers, head, qc, threads)
+            except Exception as e:  # noqa: BLE001 - report and go on without ORT
+                print(f"onnxruntime MatMulNBits unavailable: {str(e).strip()[:300]}")
+        results = bench(fns, a.tokens, a.rounds)      # the TVM engines interleaved: one thread pool
+        with threadpool_limits(threads):          # numpy's BLAS; onnxruntime sizes its own pool
+            for name, fn in others.items():       # after, one by one: other pools spinning would slow TVM's
+                results.update(bench({name: fn}, a.tokens, a.rounds))
     base = results["edgellm tvm int"]
     for name, sec in results.items():
-        print(f"  {name:26s} {sec * 1e3:8.2f} ms/token   {sec / base:5.2f}x the tvm kernels' time")
+        rate = f"{nbytes[name] / 1e6:6.1f} MB, {nbytes[name] / sec / 1e9:5.1f} GB/s" if name in nbytes else ""
+        print(f"  {name:30s} {sec * 1e3:8.2f} ms/token   {sec / base:5.2f}x the tvm kernels' time   {rate}")
     print(f"load average: {' '.join(f'{v:.2f}' for v in os.getloadavg())} on {os.cpu_count()} CPUs "
           "(timings are only meaningful on an idle machine)")
     return 0

@@ -9,6 +9,11 @@ SiLU * up, residual add + clip. Calibrated constants (multipliers, shifts, fract
 arguments, so one library serves any calibration of the same architecture and quantization scheme.
 Token count T and context length are symbolic. The runtime side is edgellm.runtime.tvm_int_backend,
 which owns the kernel names and argument order.
+
+The fast path's small kernels (qkv_post, decode attention, SiLU + int8, residual + RMSNorm + int8) are TIR
+loop nests over LANES-wide vectors (the "lanes" helpers): int32 lanes where the values provably fit (the
+I-BERT exp), float64 lanes for divisions of integers below 2^53 with the exact remainder correcting the
+quotient, int64 lanes for the rest, so none of them divides int64 per element.
 """
 from __future__ import annotations
 
@@ -165,10 +170,7 @@ def norm_quant_kernel(D: int, residual: bool):
     g = te.placeholder((D,), I64, name="g")
     eps = te.var("eps_q", I64)
     if residual:
-        o = te.placeholder((T, D), I64, name="o")
-        xo = _residual(x, o, T, D)
-        q, amax = _quant(_norm(xo, g, eps, T, D), T, 1, D)
-        return _func([x, o, g, eps, xo, q, amax])
+        return res_norm_quant_kernel(D)
     q, amax = _quant(_norm(x, g, eps, T, D), T, 1, D)
     return _func([x, g, eps, q, amax])
 
@@ -350,27 +352,30 @@ def block_linear_kernel(N: int, K: int, qc: QuantConfig, bits: int):
     return _func([q, amax, *weights, m, s, pre, out], parallel=["out"], schedule=schedule)
 
 
+def _rope_at(x, t, n, d: int, rd: int, neox: bool, cos, sin, pos, col0: int = 0):
+    """intref.int_rope's value at column col0 + n (head n // d) of row t (at position pos + t) of x, a te tensor or
+    a TIR buffer."""
+    from tvm import te
+    half = rd // 2
+    h, j = n // d, n % d
+    base = col0 + h * d
+    if neox:
+        i = te.min(te.if_then_else(j < half, j, j - half), half - 1)
+        a, b = x[t, base + i], x[t, base + te.min(i + half, d - 1)]
+        first = j < half
+    else:
+        i = te.min(j // 2, half - 1)
+        a, b = x[t, base + te.min(2 * i, d - 1)], x[t, base + te.min(2 * i + 1, d - 1)]
+        first = j % 2 == 0
+    c, s = cos[pos + t, i].astype(I64), sin[pos + t, i].astype(I64)
+    rot = te.if_then_else(first, rshift_round(a * c - b * s, 15), rshift_round(a * s + b * c, 15))
+    return te.if_then_else(j < rd, rot, x[t, col0 + n])
+
+
 def _rope(x, T, H: int, d: int, rd: int, neox: bool, cos, sin, pos, col0: int = 0, name: str = "y"):
     """intref.int_rope on columns col0 .. col0 + H*d of te tensor x (row t at position pos + t)."""
     from tvm import te
-    half = rd // 2
-
-    def f(t, n):
-        h, j = n // d, n % d
-        base = col0 + h * d
-        if neox:
-            i = te.min(te.if_then_else(j < half, j, j - half), half - 1)
-            a, b = x[t, base + i], x[t, base + te.min(i + half, d - 1)]
-            first = j < half
-        else:
-            i = te.min(j // 2, half - 1)
-            a, b = x[t, base + te.min(2 * i, d - 1)], x[t, base + te.min(2 * i + 1, d - 1)]
-            first = j % 2 == 0
-        c, s = cos[pos + t, i].astype(I64), sin[pos + t, i].astype(I64)
-        rot = te.if_then_else(first, rshift_round(a * c - b * s, 15), rshift_round(a * s + b * c, 15))
-        return te.if_then_else(j < rd, rot, x[t, col0 + n])
-
-    return te.compute((T, H * d), f, name=name)
+    return te.compute((T, H * d), lambda t, n: _rope_at(x, t, n, d, rd, neox, cos, sin, pos, col0), name=name)
 
 
 def _rope_tables(rd: int):
@@ -398,22 +403,73 @@ def _vquant(v, vm, vsh, T, C: int, col0: int = 0):
 
 
 def qkv_post_kernel(cfg: ModelConfig, q_bits: int):
-    """Fast path: the q|k|v matmul's output [T, qd + 2 kvd] -> RoPE + per-head int8 (int16) q, RoPE + per-head
-    int8 k, v to the cache's static int8 scale: everything between that matmul and the attention, one call."""
-    from tvm import te
-    T = _rows()
-    H, KVH, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    qd, kvd = H * d, KVH * d
-    x = te.placeholder((T, qd + 2 * kvd), I64, name="qkv")
-    cos, sin, pos = _rope_tables(cfg.rope_dim)
-    vm = te.placeholder((kvd,), I64, name="vm")
-    vsh = te.placeholder((kvd,), I64, name="vsh")
-    qr = _rope(x, T, H, d, cfg.rope_dim, cfg.rope_neox, cos, sin, pos, name="qr")
-    kr = _rope(x, T, KVH, d, cfg.rope_dim, cfg.rope_neox, cos, sin, pos, col0=qd, name="kr")
-    q8, qa = _quant(qr, T, H, d, (1 << (q_bits - 1)) - 1, name="q8")
-    k8, ka = _quant(kr, T, KVH, d, name="k8")
-    v8 = _vquant(x, vm, vsh, T, kvd, col0=qd + kvd)
-    return _func([x, cos, sin, pos, vm, vsh, q8, qa, k8, ka, v8])
+    """Fast path: the q|k|v matmul's output [T, qd + 2 kvd] -> RoPE + per-head int8 (int16) q; RoPE + per-head
+    int8 k with its amax, and v at the cache's static int8 scale, written straight into the int8 KV cache of
+    `layer` at rows pos .. pos + T - 1 (IntKVCache.update_int): everything between that matmul and the
+    attention, one call. Per row: q|k roped into one buffer (they are adjacent heads), then each head's amax
+    and int8 codes in LANES-wide vector loops (quant_lanes) when the head width allows."""
+    from tvm import tirx
+    from tvm.script import tirx as T_
+    H, KVH, d, NL, rd, neox = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.n_layers, cfg.rope_dim, cfg.rope_neox
+    qd, kvd, V = H * d, KVH * d, LANES
+    qmax = (1 << (q_bits - 1)) - 1
+    qdt = "int8" if q_bits == 8 else "int16"
+    n = tirx.Var("T", "int32")
+    n_ctx, n_rope = tirx.Var("n_ctx", "int32"), tirx.Var("n_rope", "int32")     # cache rows, table rows
+    V = V if d % V == 0 else 1
+
+    @T_.prim_func
+    def qkv(x: T_.Buffer((n, qd + 2 * kvd), I64), cos: T_.Buffer((n_rope, rd // 2), "int16"),
+            sin: T_.Buffer((n_rope, rd // 2), "int16"), pos: T_.int32, vm: T_.Buffer((kvd,), I64),
+            vsh: T_.Buffer((kvd,), I64), kc: T_.Buffer((NL, n_ctx, KVH, d), "int8"),
+            kac: T_.Buffer((NL, n_ctx, KVH), I64), vc: T_.Buffer((NL, n_ctx, KVH, d), "int8"), layer: T_.int32,
+            q8: T_.Buffer((n, qd), qdt), qa: T_.Buffer((n, H), I64)):
+        T_.func_attr({"tir.noalias": True})
+        assert pos + n <= n_ctx, "qkv_post: rows past the KV cache"
+        r = T_.alloc_buffer((qd + kvd,), I64)
+        red = T_.alloc_buffer((V,), I64)
+        top = T_.alloc_buffer((H + KVH,), I64)           # each head's amax, at least 1
+        for t in range(n):
+            for i in range(qd + kvd):
+                r[i] = _rope_at(x, t, i, d, rd, neox, cos, sin, pos)
+            for hh in range(H + KVH):
+                for j in T_.vectorized(V):
+                    red[j] = T_.int64(0)
+                for b in range(d // V):
+                    for j in T_.vectorized(V):
+                        red[j] = T_.max(red[j], T_.abs(r[hh * d + b * V + j]))
+                top[hh] = red[0]
+                for j in range(1, V):
+                    top[hh] = T_.max(top[hh], red[j])
+            for h in range(H):
+                qa[t, h] = top[h]
+                top[h] = T_.max(top[h], T_.int64(1))
+                if top[h] < T_.int64(quant_lanes_max(qmax)):
+                    for b in range(d // V):
+                        for j in T_.vectorized(V):
+                            q8[t, h * d + b * V + j] = T_.Cast(qdt, quant_lanes(r[h * d + b * V + j], top[h], qmax))
+                else:
+                    for c in range(d):
+                        q8[t, h * d + c] = T_.Cast(qdt, round_div(T_.int64(qmax) * r[h * d + c], top[h]))
+            for g in range(KVH):
+                kac[layer, pos + t, g] = top[H + g]
+                top[H + g] = T_.max(top[H + g], T_.int64(1))
+                if top[H + g] < T_.int64(quant_lanes_max()):
+                    for b in range(d // V):
+                        for j in T_.vectorized(V):
+                            kc[layer, pos + t, g, b * V + j] = T_.Cast("int8", quant_lanes(r[qd + g * d + b * V + j],
+                                                                                           top[H + g]))
+                else:
+                    for c in range(d):
+                        kc[layer, pos + t, g, c] = T_.Cast("int8", round_div(T_.int64(127) * r[qd + g * d + c],
+                                                                              top[H + g]))
+            for g in range(KVH):
+                for b in range(d // V):
+                    for j in T_.vectorized(V):
+                        vc[layer, pos + t, g, b * V + j] = T_.Cast("int8", T_.max(T_.min(rshift_round_lanes(
+                            x[t, qd + kvd + g * d + b * V + j] * vm[g * d + b * V + j], vsh[g * d + b * V + j]),
+                            T_.int64(127)), T_.int64(-127)))
+    return qkv
 
 
 def vquant_kernel(C: int):
@@ -491,6 +547,282 @@ def round_div_by(a, b, inv):
     q = q0 + tirx.Select(r >= D, _c(1), _c(0)) - tirx.Select(r < _c(0), _c(1), _c(0))
     big = _c(1 << 52)
     return tirx.if_then_else(tirx.all(te.abs(n) < big, D < big), q, tirx.floordiv(n, D))
+
+
+# ---------------------------------------------------------------- vector-lane forms (decode kernels)
+# Written for TVM's vectorized loops: no Select-guarded shifts, no int64 division, and int64 -> float64 only
+# through _i2f (AVX2 has no vector instruction for it). Every helper is exact on the range its docstring gives.
+
+LANES = 8               # lanes of the decode kernels' vector loops
+
+
+def rshift_round_lanes(x, s):
+    """rshift_round(x, s) for any int64 shift expression s, branch-free: x << max(-s, 0), then round off
+    clamp(s, 0, 62) bits (intref clips shifts past 62 the same way)."""
+    from tvm import tirx
+    sp = tirx.max(tirx.min(s, _c(62)), _c(0))
+    return ((x << tirx.max(-s, _c(0))) + ((_c(1) << sp) >> _c(1))) >> sp
+
+
+def _i2f(v):
+    """int64 lanes with |v| < 2^51 -> float64, exactly: add the bits of 2^52 + 2^51, subtract it as a double."""
+    from tvm import tirx
+    magic = tirx.const(6755399441055744.0, "float64")
+    return tirx.reinterpret("float64", v + tirx.reinterpret(I64, magic)) - magic
+
+
+def _sel(cond, dtype: str):
+    """1 where cond holds, else 0 (a vector bool cast to int may sign-extend to -1: a Select is explicit)."""
+    from tvm import tirx
+    return tirx.Select(cond, tirx.const(1, dtype), tirx.const(0, dtype))
+
+
+def int_exp_lanes(n, q_ln2, inv_ln2, q_b, q_c):
+    """int_exp(-n) for int32 n in [0, 60 q_ln2] in int32 lanes, for the constants of f <= SCORE_F (then
+    (q_b - r)^2 + q_c < 2^26): z = n // q_ln2 from a float32 product, corrected by one step either way."""
+    from tvm import tirx
+    i32 = "int32"
+    z0 = tirx.Cast(i32, tirx.Cast("float32", n) * inv_ln2)
+    r0 = n - z0 * q_ln2
+    z = z0 + _sel(r0 >= q_ln2, i32) - _sel(r0 < tirx.const(0, i32), i32)
+    pb = q_b - (n - z * q_ln2)
+    return (pb * pb + q_c) >> tirx.min(z, tirx.const(31, i32))
+
+
+def quant_lanes(v, top, qmax: int = 127):
+    """round_div(qmax v, top) for |v| <= top < quant_lanes_max(qmax), in float64 lanes: the floor of the
+    quotient corrected by the exact remainder (every product stays below 2^53)."""
+    from tvm import tirx
+    f64 = "float64"
+    n = _i2f(v) * tirx.const(2.0 * qmax, f64) + tirx.Cast(f64, top)
+    D = tirx.Cast(f64, top * _c(2))
+    q0 = tirx.floor(n / D)
+    r = n - q0 * D
+    return tirx.Cast("int32", q0 + _sel(r >= D, f64) - _sel(r < tirx.const(0.0, f64), f64))
+
+
+def quant_lanes_max(qmax: int = 127) -> int:
+    """Row amax below which quant_lanes is exact: |2 qmax v + top| < 2^52."""
+    return (1 << 52) // (2 * qmax + 1)
+
+
+def _f2i(f):
+    """float64 lanes holding integers with |f| < 2^51 -> int64, exactly (the inverse of _i2f)."""
+    from tvm import tirx
+    magic = tirx.const(6755399441055744.0, "float64")
+    return tirx.reinterpret(I64, f + magic) - tirx.reinterpret(I64, magic)
+
+
+def res_norm_quant_kernel(D: int):
+    """norm_quant_kernel(D, residual=True) (same arguments: x, o, g, eps_q -> x + o clipped, int8, amax) in
+    LANES-wide vector loops, rows in turn: the residual add, amax and sum of squares in int64 lanes, the
+    integer square root per row (scalar Newton steps, as isqrt_stages), then round_div(x << NORM_F, rms << r)
+    in float64 lanes with the exact remainder (x is clipped to int32, so every term stays below 2^47), times
+    gamma, and the int8 quantization (quant_lanes)."""
+    from tvm import tirx
+    from tvm.script import tirx as T_
+    V, lim, f64 = LANES, (1 << 31) - 1, "float64"
+    assert D % V == 0, D
+    n = tirx.Var("T", "int32")
+
+    def y_lanes(xo, t, i, den, inv, g):                  # round_div(xo << NORM_F, den) * g
+        a = _i2f(xo[t, i]) * tirx.const(2.0 ** (NORM_F + 1), f64) + tirx.Cast(f64, den)
+        D2 = tirx.Cast(f64, den * _c(2))
+        q0 = tirx.floor(a * inv)
+        r = a - q0 * D2
+        return _f2i(q0 + _sel(r >= D2, f64) - _sel(r < tirx.const(0.0, f64), f64)) * g[i]
+
+    @T_.prim_func
+    def res_norm(x: T_.Buffer((n, D), I64), o: T_.Buffer((n, D), I64), g: T_.Buffer((D,), I64), eps_q: T_.int64,
+                 xo: T_.Buffer((n, D), I64), q: T_.Buffer((n, D), "int8"), amax: T_.Buffer((n, 1), I64)):
+        T_.func_attr({"tir.noalias": True})
+        y = T_.alloc_buffer((D,), I64)
+        red = T_.alloc_buffer((V,), I64)
+        st = T_.alloc_buffer((4,), I64)                  # amax, then r; mean square; isqrt; divisor
+        inv = T_.alloc_buffer((1,), f64)
+        for t in range(n):
+            for j in T_.vectorized(V):
+                red[j] = T_.int64(0)
+            for b in range(D // V):
+                for j in T_.vectorized(V):
+                    xo[t, b * V + j] = T_.max(T_.min(x[t, b * V + j] + o[t, b * V + j], T_.int64(lim)), T_.int64(-lim))
+                    red[j] = T_.max(red[j], T_.abs(xo[t, b * V + j]))
+            st[0] = red[0]
+            for j in range(1, V):
+                st[0] = T_.max(st[0], red[j])
+            st[0] = T_.max(bitlen(st[0]) - T_.int64(20), T_.int64(0))
+            for j in T_.vectorized(V):
+                red[j] = T_.int64(0)
+            for b in range(D // V):
+                for j in T_.vectorized(V):
+                    red[j] = red[j] + rshift_round_lanes(xo[t, b * V + j], st[0]) * rshift_round_lanes(
+                        xo[t, b * V + j], st[0])
+            st[1] = red[0]
+            for j in range(1, V):
+                st[1] = st[1] + red[j]
+            st[1] = T_.floordiv(st[1], T_.int64(D)) + (eps_q >> T_.min(st[0] * T_.int64(2), T_.int64(63)))
+            st[2] = T_.int64(1) << T_.floordiv(bitlen(st[1]) + T_.int64(1), T_.int64(2))
+            for k in range(NEWTON_STEPS):
+                st[2] = T_.min(st[2], (st[2] + T_.floordiv(st[1], T_.max(st[2], T_.int64(1)))) >> T_.int64(1))
+            st[2] = T_.Select(st[1] > T_.int64(0), st[2], T_.int64(0))
+            st[3] = T_.max(st[2], T_.int64(1)) << st[0]
+            inv[0] = T_.float64(1) / T_.Cast(f64, st[3] * T_.int64(2))
+            for b in range(D // V):
+                for j in T_.vectorized(V):
+                    y[b * V + j] = y_lanes(xo, t, b * V + j, st[3], inv[0], g)
+            for j in T_.vectorized(V):
+                red[j] = T_.int64(0)
+            for b in range(D // V):
+                for j in T_.vectorized(V):
+                    red[j] = T_.max(red[j], T_.abs(y[b * V + j]))
+            st[0] = red[0]
+            for j in range(1, V):
+                st[0] = T_.max(st[0], red[j])
+            amax[t, 0] = st[0]
+            st[0] = T_.max(st[0], T_.int64(1))
+            if st[0] < T_.int64(quant_lanes_max()):
+                for b in range(D // V):
+                    for j in T_.vectorized(V):
+                        q[t, b * V + j] = T_.Cast("int8", quant_lanes(y[b * V + j], st[0]))
+            else:
+                for i in range(D):
+                    q[t, i] = T_.Cast("int8", round_div(T_.int64(127) * y[i], st[0]))
+    return res_norm
+
+
+def attention_decode_kernel(cfg: ModelConfig, prob_bits: int, q_bits: int = 8):
+    """attention_kernel(quant=True) for one query row (decode), same arguments and bits, in vector lanes.
+
+    Per KV head: the dot products of its n_rep query heads with each cached key (the key row read once), the
+    key's 16-bit amax factor once per position; then per query head LANES positions at a time: scores in int64
+    lanes, the I-BERT exp in int32 lanes (int_exp_lanes), the softmax division in float64 lanes with an exact
+    int64 remainder, and P @ V in int32 blocks of 256 positions (p < 2^16, |v| <= 127) widened to int64.
+    Serial: splitting the KV heads over threads measured slower on the shared 2-core host (scratch is laid
+    out per KV head all the same)."""
+    from tvm import tirx
+    from tvm.script import tirx as T_
+    from .tvm_int_matmul import _hsum, _sum, _tvm as _matmul_tvm
+    _matmul_tvm()                                   # binds the vector helpers' tirx
+    H, KVH, d, rep, NL = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.n_rep, cfg.n_layers
+    HD, V, W = H * d, LANES, 16
+    if d % W or HD % V:
+        return attention_rows_kernel(cfg, prob_bits, q_bits, 1)
+    q_ln2, q_b, q_c, _ = exp_consts(SCORE_F)
+    qdt, P, BL = "int8" if q_bits == 8 else "int16", (1 << prob_bits) - 1, 256
+    n_ctx = tirx.Var("n_ctx", "int32")
+    i32, f64 = "int32", "float64"
+
+    def dot(q8, kc, layer, h, l):
+        """q8[h] . k[l] as int32, products summed in even / odd lane pairs first: the pattern LLVM turns into
+        vpmaddwd (int16 pairs -> int32) on x86."""
+        ev, od = list(range(0, W, 2)), list(range(1, W, 2))
+        m = [tirx.Cast(f"int32x{W}", q8[0, tirx.Ramp(h * d + W * c, 1, W)])
+             * tirx.Cast(f"int32x{W}", kc[layer, l, h // rep, tirx.Ramp(W * c, 1, W)]) for c in range(d // W)]
+        return _hsum(_sum([tirx.Shuffle([x], ev) + tirx.Shuffle([x], od) for x in m]), W // 2, i32)
+
+    def score(acc, g, r, l, qa16, sq, kf, ks, sc_m, sc_s):
+        """intref's score; acc < 2^28, qa16 and kf < 2^16 + 1 and t1's first factor < 2^29 pass through int32,
+        so LLVM multiplies them with one 32 x 32 -> 64 instruction (AVX2 has no 64-bit one)."""
+        w = lambda v: tirx.Cast(I64, tirx.Cast(i32, v))      # noqa: E731
+        t1 = w(rshift_round(tirx.Cast(I64, acc[g, r, l]) * w(qa16), q_bits)) * w(kf[g, l])
+        return rshift_round_lanes(t1 * sc_m, sc_s - _c(q_bits) - sq - ks[g, l])
+
+    def prob(e, g, l, tot, inv):
+        """round_div(e P, tot) for e < 2^27, tot < 2^51: quotient from float64, remainder in int64."""
+        n = tirx.Cast(I64, e[g, l]) * _c(2 * P) + tot
+        q0 = tirx.Cast(i32, tirx.floor(_i2f(n) * inv))
+        r = n - tirx.Cast(I64, q0) * (tot * _c(2))
+        return q0 + _sel(r >= tot * _c(2), i32) - _sel(r < _c(0), i32)
+
+    @T_.prim_func
+    def attn(q8: T_.Buffer((1, HD), qdt), qa: T_.Buffer((1, H), I64), kc: T_.Buffer((NL, n_ctx, KVH, d), "int8"),
+             ka: T_.Buffer((NL, n_ctx, KVH), I64), vc: T_.Buffer((NL, n_ctx, KVH, d), "int8"),
+             om: T_.Buffer((HD,), I64), osh: T_.Buffer((HD,), I64), layer: T_.int32, pos: T_.int32,
+             sc_m: T_.int64, sc_s: T_.int64, out8: T_.Buffer((1, HD), "int8"), amax: T_.Buffer((1, 1), I64)):
+        T_.func_attr({"tir.noalias": True})
+        acc = T_.alloc_buffer((KVH, rep, n_ctx + V), i32)    # per KV head: q . k of its query heads
+        kf = T_.alloc_buffer((KVH, n_ctx + V), I64)          # key amax kept to 16 bits, and its shift
+        ks = T_.alloc_buffer((KVH, n_ctx + V), I64)
+        sc = T_.alloc_buffer((KVH, n_ctx + V), I64)
+        e = T_.alloc_buffer((KVH, n_ctx + V), i32)
+        p32 = T_.alloc_buffer((KVH, n_ctx + V), i32)
+        pv = T_.alloc_buffer((KVH, d), i32)
+        o = T_.alloc_buffer((HD,), I64)
+        red = T_.alloc_buffer((KVH, V), I64)
+        st = T_.alloc_buffer((KVH, 4), I64)                  # sq, qa16, row max, row total
+        inv = T_.alloc_buffer((KVH,), f64)
+        for g in range(KVH):
+            for l in range(pos + 1):
+                for r in T_.unroll(rep):
+                    acc[g, r, l] = dot(q8, kc, layer, g * rep + r, l)
+            for l in range(pos + 1, (pos + V) // V * V):
+                for r in T_.unroll(rep):
+                    acc[g, r, l] = 0
+            for b in range((pos + V) // V):
+                for j in T_.vectorized(V):
+                    ks[g, b * V + j] = T_.max(bitlen(ka[layer, T_.min(b * V + j, pos), g]) - T_.int64(16), T_.int64(0))
+                    kf[g, b * V + j] = rshift_round_lanes(ka[layer, T_.min(b * V + j, pos), g], ks[g, b * V + j])
+            for r in range(rep):
+                st[g, 0] = T_.max(bitlen(qa[0, g * rep + r]) - T_.int64(16), T_.int64(0))
+                st[g, 1] = rshift_round_lanes(qa[0, g * rep + r], st[g, 0])
+                for j in T_.vectorized(V):
+                    red[g, j] = T_.int64(-(1 << 62))
+                for b in range((pos + V) // V):
+                    for j in T_.vectorized(V):
+                        sc[g, b * V + j] = score(acc, g, r, b * V + j, st[g, 1], st[g, 0], kf, ks, sc_m, sc_s)
+                        red[g, j] = T_.max(red[g, j], T_.Select(b * V + j <= pos, sc[g, b * V + j],
+                                                                T_.int64(-(1 << 62))))
+                st[g, 2] = red[g, 0]
+                for j in range(1, V):
+                    st[g, 2] = T_.max(st[g, 2], red[g, j])
+                for j in T_.vectorized(V):
+                    red[g, j] = T_.int64(0)
+                for b in range((pos + V) // V):
+                    for j in T_.vectorized(V):
+                        e[g, b * V + j] = T_.Select(b * V + j <= pos, int_exp_lanes(
+                            T_.Cast(i32, T_.min(st[g, 2] - sc[g, b * V + j], T_.int64(60 * q_ln2))), T_.int32(q_ln2),
+                            T_.float32(1.0 / q_ln2), T_.int32(q_b), T_.int32(q_c)), T_.int32(0))
+                        red[g, j] = red[g, j] + T_.Cast(I64, e[g, b * V + j])
+                st[g, 3] = red[g, 0]
+                for j in range(1, V):
+                    st[g, 3] = st[g, 3] + red[g, j]
+                inv[g] = T_.float64(1) / T_.Cast(f64, st[g, 3] * T_.int64(2))
+                if st[g, 3] < T_.int64(1 << 51):
+                    for b in range((pos + V) // V):
+                        for j in T_.vectorized(V):
+                            p32[g, b * V + j] = prob(e, g, b * V + j, st[g, 3], inv[g])
+                else:
+                    for l in range(pos + 1):
+                        p32[g, l] = T_.Cast(i32, round_div(T_.Cast(I64, e[g, l]) * T_.int64(P), st[g, 3]))
+                for c in T_.vectorized(d):
+                    o[(g * rep + r) * d + c] = T_.int64(0)
+                for lb in range((pos + BL) // BL):
+                    for c in T_.vectorized(d):
+                        pv[g, c] = 0
+                    for l in T_.serial(lb * BL, T_.min(pos + 1, lb * BL + BL)):
+                        for c in T_.vectorized(d):
+                            pv[g, c] = pv[g, c] + p32[g, l] * T_.Cast(i32, vc[layer, l, g, c])
+                    for c in T_.vectorized(d):
+                        o[(g * rep + r) * d + c] = o[(g * rep + r) * d + c] + T_.Cast(I64, pv[g, c])
+        for j in T_.vectorized(V):
+            red[0, j] = T_.int64(0)
+        for b in range(HD // V):
+            for j in T_.vectorized(V):
+                o[b * V + j] = rshift_round_lanes(o[b * V + j] * om[b * V + j], osh[b * V + j])
+                red[0, j] = T_.max(red[0, j], T_.abs(o[b * V + j]))
+        st[0, 3] = red[0, 0]
+        for j in range(1, V):
+            st[0, 3] = T_.max(st[0, 3], red[0, j])
+        amax[0, 0] = st[0, 3]
+        st[0, 3] = T_.max(st[0, 3], T_.int64(1))
+        if st[0, 3] < T_.int64(quant_lanes_max()):
+            for b in range(HD // V):
+                for j in T_.vectorized(V):
+                    out8[0, b * V + j] = T_.Cast("int8", quant_lanes(o[b * V + j], st[0, 3]))
+        else:
+            for i in range(HD):
+                out8[0, i] = T_.Cast("int8", round_div(T_.int64(127) * o[i], st[0, 3]))
+    return attn
 
 
 def attention_rows_kernel(cfg: ModelConfig, prob_bits: int, q_bits: int = 8, T: int | None = None):
@@ -601,42 +933,64 @@ def silu_mul_kernel(F: int):
     return _func([g, u, *consts, _silu_mul(g, u, T, F, consts)], parallel=["xe", "e", "h"])
 
 
-def silu_quant_kernel(F: int, T: int | None = None):
-    """Fast path: the gate|up matmul's output [T, 2F] -> SiLU(gate) * up -> per-token int8 (ffn_down's input).
+def _silu_lanes(gu, t, i, F: int, fshift, q_ln2, q_b, q_c, one, shift_h):
+    """rshift_round(int_silu(g, f) * u, shift_h) of column i of row t of gu = [g | u], in vector lanes: the exp in
+    int32 (int_exp_lanes; its constants are those of min(f, SCORE_F)), the sigmoid's division in float64 lanes
+    (numerator < 2^44) corrected by its exact remainder, the products in int64."""
+    from tvm import tirx
+    i32, f64 = "int32", "float64"
+    g = gu[t, i]
+    xe = rshift_round_lanes(g, fshift)
+    n = tirx.Cast(i32, tirx.min(tirx.abs(xe), q_ln2 * _c(60)))
+    e = int_exp_lanes(n, tirx.Cast(i32, q_ln2), tirx.const(1.0, "float32") / tirx.Cast("float32", q_ln2),
+                      tirx.Cast(i32, q_b), tirx.Cast(i32, q_c))
+    one32 = tirx.Cast(i32, one)
+    num = tirx.Cast(f64, tirx.Select(xe >= _c(0), one32, e)) * tirx.const(2.0 ** (SIG_F + 1), f64) + \
+        tirx.Cast(f64, one32 + e)
+    den = tirx.Cast(f64, one32 + e) * tirx.const(2.0, f64)
+    q0 = tirx.floor(num / den)                     # correctly rounded: never below the true floor
+    sig = tirx.Cast(i32, q0 - _sel(num - q0 * den < tirx.const(0.0, f64), f64))
+    return rshift_round_lanes(rshift_round(g * tirx.Cast(I64, sig), SIG_F) * gu[t, F + i], shift_h)
 
-    Symbolic T (prefill): one row at a time (its SiLU, amax and int8 stay in cache), rows split over threads,
-    each step stored before the next reads it (one nested expression would repeat the exp many times).
-    T = 1 (decode): the TE stages, serially (measured faster for one row), as a parallel loop's thread wake-up
-    costs more than its ~15 us of work."""
-    from tvm import te, tirx
+
+def silu_quant_kernel(F: int, T: int | None = None):
+    """Fast path: the gate|up matmul's output [T, 2F] -> SiLU(gate) * up -> per-token int8 (ffn_down's input),
+    a row at a time in LANES-wide vector loops (_silu_lanes, then quant_lanes). Symbolic T (prefill): rows
+    split over threads; T = 1 (decode): serial, as a parallel loop's thread wake-up costs about its work.
+    Constants past the int32 exp's range (f > SCORE_F) are refused by an assertion."""
+    from tvm import tirx
     from tvm.script import tirx as T_
-    if T == 1:
-        gu = te.placeholder((1, 2 * F), I64, name="gu")
-        consts = [te.var(n, I64) for n in _SILU_ARGS]
-        return _func([gu, *consts, *_quant(_silu_mul(gu, gu, 1, F, consts, uc0=F), 1, 1, F)])
-    n = tirx.Var("T", "int32")
+    V = LANES
+    q_ln2_max = exp_consts(SCORE_F)[0]
+    assert F % V == 0, F
+    n = tirx.Var("T", "int32") if T is None else T
+    rows = T_.parallel if T is None else T_.serial
 
     @T_.prim_func
     def silu(gu: T_.Buffer((n, 2 * F), I64), fshift: T_.int64, q_ln2: T_.int64, q_b: T_.int64, q_c: T_.int64,
              one: T_.int64, shift_h: T_.int64, q: T_.Buffer((n, F), "int8"), amax: T_.Buffer((n, 1), I64)):
         T_.func_attr({"tir.noalias": True})
-        xe = T_.alloc_buffer((n, F), I64)
-        e = T_.alloc_buffer((n, F), I64)
+        assert q_ln2 <= T_.int64(q_ln2_max), "silu_quant: exp constants of f <= SCORE_F expected"
         h = T_.alloc_buffer((n, F), I64)
-        inv = T_.alloc_buffer((n,), "float64")
-        for t in T_.parallel(n):
-            amax[t, 0] = T_.int64(0)
-            for i in range(F):
-                xe[t, i] = rshift_round(gu[t, i], fshift)
-                e[t, i] = int_exp(-T_.abs(xe[t, i]), q_ln2, q_b, q_c)
-                e[t, i] = round_div(T_.Select(xe[t, i] >= T_.int64(0), one, e[t, i]) << T_.int64(SIG_F), one + e[t, i])
-                h[t, i] = rshift_round(gu[t, i] * e[t, i], SIG_F)
-                h[t, i] = rshift_round(h[t, i] * gu[t, F + i], shift_h)
-                amax[t, 0] = T_.max(amax[t, 0], T_.abs(h[t, i]))
-            top = T_.max(amax[t, 0], T_.int64(1))
-            inv[t] = T_.float64(1) / T_.Cast("float64", top * T_.int64(2))
-            for i in range(F):
-                q[t, i] = T_.Cast("int8", round_div_by(T_.int64(127) * h[t, i], top, inv[t]))
+        red = T_.alloc_buffer((n, V), I64)
+        for t in rows(n):
+            for j in T_.vectorized(V):
+                red[t, j] = T_.int64(0)
+            for b in range(F // V):
+                for j in T_.vectorized(V):
+                    h[t, b * V + j] = _silu_lanes(gu, t, b * V + j, F, fshift, q_ln2, q_b, q_c, one, shift_h)
+                    red[t, j] = T_.max(red[t, j], T_.abs(h[t, b * V + j]))
+            amax[t, 0] = red[t, 0]
+            for j in range(1, V):
+                amax[t, 0] = T_.max(amax[t, 0], red[t, j])
+            red[t, 0] = T_.max(amax[t, 0], T_.int64(1))
+            if red[t, 0] < T_.int64(quant_lanes_max()):
+                for b in range(F // V):
+                    for j in T_.vectorized(V):
+                        q[t, b * V + j] = T_.Cast("int8", quant_lanes(h[t, b * V + j], red[t, 0]))
+            else:
+                for i in range(F):
+                    q[t, i] = T_.Cast("int8", round_div(T_.int64(127) * h[t, i], red[t, 0]))
     return silu
 
 
@@ -675,7 +1029,7 @@ def build_int_module(cfg: ModelConfig, qc: QuantConfig, tvm_target=None):
                       names["res_norm_quant"]: norm_quant_kernel(cfg.dim, True),
                       names["qkv_post"]: qkv_post_kernel(cfg, qc.q_bits),
                       names["attention_q8"]: attention_rows_kernel(cfg, qc.prob_bits, qc.q_bits),
-                      names["attention_q8_t1"]: attention_rows_kernel(cfg, qc.prob_bits, qc.q_bits, 1),
+                      names["attention_q8_t1"]: attention_decode_kernel(cfg, qc.prob_bits, qc.q_bits),
                       names["silu_quant"]: silu_quant_kernel(cfg.ffn_dim),
                       names["silu_quant_t1"]: silu_quant_kernel(cfg.ffn_dim, 1)})
         for (r, c, b, T), n in names["mm"].items():

@@ -3,9 +3,10 @@
 Bit-identical to IntBackend(qm, "integer"): the kernels compute intref's integer ops exactly, and the
 calibrated constants (dyadic multipliers, shifts, integer gammas, Q15 RoPE tables) are taken from intref's own
 prepare step, so the two can only differ if a kernel does. Every activation, the int8 KV cache and the weights
-(int8 codes, or packed int4 codes with per-group integer multipliers) live in preallocated 64-byte-aligned
-arrays wrapped once as TVM tensors; numpy only writes the new k / v rows into the cache. Logits become float
-only at the API boundary, as in intref, and only for the last position unless all are asked for.
+(int8 codes, or packed int4 codes with their fp16 group scales on the fast path, per-group integer multipliers
+on the generic one) live in preallocated 64-byte-aligned arrays wrapped once as TVM tensors; the fast path's
+qkv_post kernel writes the new k / v rows into the cache itself (numpy does it on the generic path). Logits
+become float only at the API boundary, as in intref, and only for the last position unless all are asked for.
 
 Decode speed (issue #5) comes from the fast path: the int8 matmuls of edgellm.compiler.tvm_int_matmul (the
 target's int8 dot-product instructions, requant fused), q|k|v and gate|up each one matmul over concatenated
@@ -31,7 +32,7 @@ from .intref import (LINEARS, SCORE_F, IntKVCache, IntTransformer, QuantConfig, 
 from .tvm_backend import Buffer, TvmBackend, TvmKVCache, _runtime, aligned_empty
 
 INT_LIBRARY = "kernels/int.so"     # where a bundle keeps the integer kernels
-INT_KERNEL_ABI = 3                 # bump when a kernel's arguments or semantics change
+INT_KERNEL_ABI = 4                 # bump when a kernel's arguments or semantics change
 
 
 def linear_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
@@ -81,7 +82,8 @@ def int_kernel_names(cfg: ModelConfig, qc: QuantConfig) -> dict:
 
     Fast path (fast_path(cfg, qc)): "mm" maps (rows, cols, bits, T) -> name, T = 1 (decode) or None (any T);
     fused kernels "norm_quant" (RMSNorm + int8), "res_norm_quant" (residual add + RMSNorm + int8),
-    "qkv_post" (RoPE + int8 q / k, v to the cache scale), "attention_q8" (attention + int8),
+    "qkv_post" (RoPE + int8 q; RoPE + int8 k and v at the cache scale written into the KV cache),
+    "attention_q8" (attention + int8),
     "silu_quant" (SiLU * up + int8); "_t1" names: the same for one row (decode, serial kernels). Generic path:
     "linear" maps (N, K, "w8" | "w4") -> name (the head is w8; mixed-precision w4 schemes also get w8 blocks); "quant" maps (groups, width, qmax) -> name;
     "static_quant" maps width -> name (act="static" only). Every kernel takes T rows (T symbolic unless
@@ -95,7 +97,7 @@ def int_kernel_names(cfg: ModelConfig, qc: QuantConfig) -> dict:
               for T in (1, None)}
         return {**base, "fast": True, "mm": dict(sorted(mm.items(), key=lambda kv: kv[1])),
                 "norm_quant": f"int_norm_quant_{cfg.dim}", "res_norm_quant": f"int_res_norm_quant_{cfg.dim}",
-                "qkv_post": f"int_qkv_post_{qd}_{kvd}", "attention_q8": "int_attention_q8",
+                "qkv_post": f"int_qkv_post_kv_{qd}_{kvd}", "attention_q8": "int_attention_q8",
                 "attention_q8_t1": "int_attention_q8_t1",
                 "silu_quant": f"int_silu_quant_{cfg.ffn_dim}", "silu_quant_t1": f"int_silu_quant_{cfg.ffn_dim}_t1"}
     kinds = {4: ("w4",) if qc.max_bpw is None else ("w4", "w8"), 8: ("w8",)}[qc.w_bits]
@@ -135,25 +137,45 @@ def linear_weights(t: dict, name: str, qc: QuantConfig) -> list[np.ndarray]:
 
 
 def matmul_weights(t: dict, name: str, qc: QuantConfig) -> tuple[np.ndarray, ...]:
-    """The fast matmul's weight arrays of a stored linear (edgellm.compiler.tvm_int_matmul): (w8,) or (wq, scale).
+    """The fast matmul's weight arrays of a stored linear (edgellm.compiler.tvm_int_matmul): (w8,) or (wq, scale,
+    rowf).
 
     An int8 `.q` (w8 linears, and the int8 head / embedding of every scheme) gives (w8,). w4 keeps the packed
-    codes and splits each fp16 group scale exactly as IntLinear.build does: mant * 2^e, shifted left by
-    e - (the row's smallest exponent of a non-zero scale); scale = mant << shift, an integer below 2^31 held
-    exactly as float64."""
+    codes and the fp16 group scales as stored (2 bytes a group: the kernels are bound by the bytes they read),
+    plus per row rowf = 2^-base (matmul_scale): every scale of row j is an integer multiple of 2^base[j]
+    (intref.w4_group_scales), so the kernel's float64 sum times rowf is IntLinear.build's integer accumulator."""
     q = t[name + ".q"]
     if q.dtype == np.int8:
         return (np.ascontiguousarray(q),)
-    return (np.ascontiguousarray(q, dtype=np.uint8), matmul_scale(t, name, qc))
+    rowf = matmul_scale(t, name, qc)
+    return np.ascontiguousarray(q, dtype=np.uint8), np.ascontiguousarray(t[name + ".scale"]), rowf
 
 
 def matmul_scale(t: dict, name: str, qc: QuantConfig) -> np.ndarray:
-    """The fast matmul's per-group float64 scale [N, K/g] of a w4 linear (see matmul_weights)."""
+    """The fast matmul's per-row float64 factor 2^-base [N] of a w4 linear (see matmul_weights): base as
+    QuantizedModel.save stored it (`name.row_exp`), else from the scales as IntLinear.build finds it."""
     if not qc.symmetric:
         raise EdgeLLMError(f"{name}: the integer matmul kernels take symmetric w4 weights only",
                            "quantize with symmetric groups (drop --asym) for the compiled integer path")
-    z, mant, sh = w4_group_terms(t, name, qc)
-    return np.ldexp(mant.astype(np.float64), sh.astype(np.int64))
+    dtype = tensor_header(t, name + ".scale")[1]
+    if dtype != np.float16:
+        raise EdgeLLMError(f"{name}: the integer matmul kernels read fp16 group scales, not {dtype}",
+                           "re-quantize the model with edgellm (w4 group scales are stored as fp16)")
+    base = t[name + ".row_exp"] if name + ".row_exp" in t else w4_group_scales(t, name, qc, MAX_SHIFT)[1][:, 0]
+    return np.ldexp(1.0, -np.asarray(base, np.int64))
+
+
+def read_stacked(t, names, suffix: str) -> tuple[Buffer, dict[str, np.ndarray]]:
+    """Tensors `n + suffix` of names stacked row after row in one kernel buffer, each read straight into its
+    rows (no concatenation copy), and a view of each."""
+    heads = [tensor_header(t, n + suffix) for n in names]
+    buf = int_buffer((sum(h[0][0] for h in heads), *heads[0][0][1:]), heads[0][1], fill=False)
+    views, r = {}, 0
+    for n, (shape, _) in zip(names, heads):
+        views[n + suffix] = buf.np[r:r + shape[0]]
+        read_into(t, n + suffix, views[n + suffix])
+        r += shape[0]
+    return buf, views
 
 
 def int_buffer(shape_or_array, dtype=None, fill: bool = True) -> Buffer:
@@ -235,22 +257,16 @@ class TvmIntBackend(TvmBackend):
         return [(tuple(names), bits[0])] if len(set(bits)) == 1 else [((n,), b) for n, b in zip(names, bits)]
 
     def _read_codes(self) -> dict[str, np.ndarray]:
-        """The fast path's weight codes read once, straight into kernel buffers: each fused matmul's members
-        row after row (no concatenation copy), and the int8 embedding table, which a tied head shares.
+        """The fast path's weight codes read once, straight into kernel buffers (read_stacked): each fused
+        matmul's members row after row, and the int8 embedding table, which a tied head shares.
         Returns each stored `.q` as a view of those buffers, for intref's constants."""
         c, qc, t = self.cfg, self.qc, self.qmodel.tensors
         self._codes, views = {}, {}
         groups = [[f"blk.{i}.{n}.weight" for n in members] for i in range(c.n_layers) for members in FUSED.values()]
         for ns, _ in [p for g in groups for p in self._parts(g, [linear_bits(t, n, qc) for n in g])] + \
                 [(("token_embd",), 8)] + ([(("output",), 8)] if "output.q" in t else []):
-            heads = [tensor_header(t, n + ".q") for n in ns]
-            buf = int_buffer((sum(h[0][0] for h in heads), heads[0][0][1]), heads[0][1], fill=False)
-            r = 0
-            for n, (shape, _) in zip(ns, heads):
-                views[n + ".q"] = buf.np[r:r + shape[0]]
-                read_into(t, n + ".q", views[n + ".q"])
-                r += shape[0]
-            self._codes[ns] = buf
+            self._codes[ns], v = read_stacked(t, ns, ".q")
+            views.update(v)
         return views
 
     def prepare(self) -> None:
@@ -347,9 +363,9 @@ class TvmIntBackend(TvmBackend):
         for ns, b in self._parts(names, bits):
             cs = [by_name[n] for n in ns]
             w = [self._codes[ns]]                           # codes read by _read_codes
-            if b == 4:
-                w.append(int_buffer((len(w[0].np), w[0].np.shape[1] * 2 // qc.group_size), np.float64, fill=False))
-                np.concatenate([matmul_scale(t, n, qc) for n in ns], out=w[1].np)
+            if b == 4:                                      # fp16 group scales as stored, and 2^-base per row
+                rowf = np.concatenate([matmul_scale(t, n, qc) for n in ns])
+                w += [read_stacked(t, ns, ".scale")[0], int_buffer(rowf)]
             m = np.concatenate([np.asarray(c[0], np.int64).reshape(-1) for c in cs])
             s = np.concatenate([np.asarray(c[1], np.int64).reshape(-1) for c in cs])
             pre = np.concatenate([np.full(np.size(c[0]), int(c[2]), np.int64) for c in cs])
@@ -380,7 +396,6 @@ class TvmIntBackend(TvmBackend):
         spec = {"tok": (None, None, i64), "x": (None, D, i64), "x2": (None, D, i64), "o": (None, D, i64),
                 "h8": (None, D, i8), "ha": (None, 1, i64), "qkv": (None, qd + 2 * kvd, i64),
                 "q8": (None, qd, i8 if qc.q_bits == 8 else np.int16), "qa": (None, c.n_heads, i64),
-                "k8": (None, kvd, i8), "ka": (None, c.n_kv_heads, i64), "v8": (None, kvd, i8),
                 "a8": (None, qd, i8), "aa": (None, 1, i64), "gu": (None, 2 * Fd, i64), "f8": (None, Fd, i8),
                 "fa": (None, 1, i64), "last8": (1, D, i8), "lasta": (1, 1, i64),
                 "logits": (None, c.vocab_size, i64)}
@@ -428,10 +443,10 @@ class TvmIntBackend(TvmBackend):
     def _plan(self, T: int, kv: TvmIntKVCache, logits: str | None) -> list:
         """A chunk of T rows through the fused kernels as a flat list of [function, arguments, index of `pos` in
         them or -1], every argument bound once per (T, logits, cache), so the Python between ~270 kernel calls
-        is a loop over a list. Per layer: q|k|v matmul, qkv_post, the new int8 k / v rows into the cache,
-        attention_q8, o matmul, res_norm_quant, gate|up matmul, silu_quant, down matmul, res_norm_quant (the next
-        layer's attention norm, or the output norm); then the head on all rows or the last one. One row uses
-        the serial "_t1" kernels."""
+        is a loop over a list. Per layer: q|k|v matmul, qkv_post (which also writes the new int8 k / v rows
+        into the cache), attention_q8, o matmul, res_norm_quant, gate|up matmul, silu_quant, down matmul,
+        res_norm_quant (the next layer's attention norm, or the output norm); then the head on all rows or the
+        last one. One row uses the "_t1" decode kernels."""
         import weakref
         cos, sin = self._rope(kv.n_ctx)
         key = (T, logits)
@@ -445,20 +460,12 @@ class TvmIntBackend(TvmBackend):
         one = "_t1" if T == 1 else ""
 
         mm = lambda grp, src, amax, out, rows=T: self._mm_steps(grp, src, amax, out, rows)  # noqa: E731
-        kv_shape = (T, self.cfg.n_kv_heads, self.cfg.head_dim)
-        k8, v8, ka = a["k8"].np.reshape(kv_shape), a["v8"].np.reshape(kv_shape), a["ka"].np
-        kc, kac, vc = kv.k, kv.kamax, kv.v
-
-        def kv_write(layer, pos):             # the new int8 k / v rows into the cache (update_int, checked earlier)
-            kc[layer, pos:pos + T], kac[layer, pos:pos + T], vc[layer, pos:pos + T] = k8, ka, v8
-        write = kv_write if self.profile is None else self._timed("numpy kv update", kv_write)
         plan = [[K["embed"], [self.emb["table"], a["tok"].t, self.emb["m"], self.emb["sh"], x], -1],
                 [K["norm_quant"], [x, self.layers[0]["g1"], eps, h8, ha], -1]]
         for i, L in enumerate(self.layers):
             plan += mm(L["qkv"], a["h8"], a["ha"], a["qkv"])
-            plan += [[K["qkv_post"], [a["qkv"].t, cos, sin, 0, L["vm"], L["vsh"], a["q8"].t, a["qa"].t, a["k8"].t,
-                                      a["ka"].t, a["v8"].t], 3],
-                     [write, [i, 0], 1],
+            plan += [[K["qkv_post"], [a["qkv"].t, cos, sin, 0, L["vm"], L["vsh"], kv.tk, kv.tka, kv.tv, i,
+                                      a["q8"].t, a["qa"].t], 3],     # new k / v rows straight into the cache
                      [K["attention_q8" + one], [a["q8"].t, a["qa"].t, kv.tk, kv.tka, kv.tv, L["om"], L["osh"], i, 0,
                                                 *L["sc"], a["a8"].t, a["aa"].t], 8]]
             plan += mm(L["o"], a["a8"], a["aa"], a["o"])
