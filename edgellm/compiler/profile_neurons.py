@@ -123,13 +123,13 @@ def fit_predictor(h: np.ndarray, mask: np.ndarray, rank: int, recall: float, rid
     a, b = (m.astype(np.float16).astype(np.float32) for m in (w @ v, v.T))
     bias = mu_y - mu_h @ a @ b
     hv, mv, wv = val if val is not None else (h, mask, weight)
-    score = hv @ a @ b + bias
+    proj = hv @ a @ b
     # lower the bias by one per-layer offset until `recall` of the truly active neurons are predicted
-    tau = recall_offset(score, mv, recall, wv)
+    tau = recall_offset(proj + bias, mv, recall, wv)
     bias = (bias - tau).astype(np.float32)
-    pred = hv @ a @ b + bias > 0                                    # as NeuronProfile.predict computes it
+    pred = proj + bias > 0                                          # as NeuronProfile.predict computes it
     got = float((pred & mv).sum() / max(1, mv.sum()))
-    return a.astype(np.float32), b.astype(np.float32), bias.astype(np.float32), got, float(pred.mean())
+    return a, b, bias, got, float(pred.mean())
 
 
 def profile_neurons(loaded, texts: list[str], sparsity: float = 0.5, rank: int = 32, recall: float = 0.99,

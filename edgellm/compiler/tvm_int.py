@@ -564,10 +564,13 @@ def rshift_round_lanes(x, s):
     return ((x << tirx.max(-s, _c(0))) + ((_c(1) << sp) >> _c(1))) >> sp
 
 
+_MAGIC = 6755399441055744.0       # 2^52 + 2^51: adding it puts an integer below 2^51 in a double's low bits
+
+
 def _i2f(v):
     """int64 lanes with |v| < 2^51 -> float64, exactly: add the bits of 2^52 + 2^51, subtract it as a double."""
     from tvm import tirx
-    magic = tirx.const(6755399441055744.0, "float64")
+    magic = tirx.const(_MAGIC, "float64")
     return tirx.reinterpret("float64", v + tirx.reinterpret(I64, magic)) - magic
 
 
@@ -595,10 +598,7 @@ def quant_lanes(v, top, qmax: int = 127):
     from tvm import tirx
     f64 = "float64"
     n = _i2f(v) * tirx.const(2.0 * qmax, f64) + tirx.Cast(f64, top)
-    D = tirx.Cast(f64, top * _c(2))
-    q0 = tirx.floor(n / D)
-    r = n - q0 * D
-    return tirx.Cast("int32", q0 + _sel(r >= D, f64) - _sel(r < tirx.const(0.0, f64), f64))
+    return tirx.Cast("int32", _floor_div_lanes(n, tirx.Cast(f64, top * _c(2))))
 
 
 def quant_lanes_max(qmax: int = 127) -> int:
@@ -609,8 +609,18 @@ def quant_lanes_max(qmax: int = 127) -> int:
 def _f2i(f):
     """float64 lanes holding integers with |f| < 2^51 -> int64, exactly (the inverse of _i2f)."""
     from tvm import tirx
-    magic = tirx.const(6755399441055744.0, "float64")
+    magic = tirx.const(_MAGIC, "float64")
     return tirx.reinterpret(I64, f + magic) - tirx.reinterpret(I64, magic)
+
+
+def _floor_div_lanes(num, den, inv=None):
+    """floor(num / den) of float64 lanes holding integers below 2^53: the float quotient (num / den, or num * inv
+    with inv = 1 / den) corrected by one either way from the exact remainder."""
+    from tvm import tirx
+    f64 = "float64"
+    q0 = tirx.floor(num / den if inv is None else num * inv)
+    r = num - q0 * den
+    return q0 + _sel(r >= den, f64) - _sel(r < tirx.const(0.0, f64), f64)
 
 
 def res_norm_quant_kernel(D: int):
@@ -627,10 +637,7 @@ def res_norm_quant_kernel(D: int):
 
     def y_lanes(xo, t, i, den, inv, g):                  # round_div(xo << NORM_F, den) * g
         a = _i2f(xo[t, i]) * tirx.const(2.0 ** (NORM_F + 1), f64) + tirx.Cast(f64, den)
-        D2 = tirx.Cast(f64, den * _c(2))
-        q0 = tirx.floor(a * inv)
-        r = a - q0 * D2
-        return _f2i(q0 + _sel(r >= D2, f64) - _sel(r < tirx.const(0.0, f64), f64)) * g[i]
+        return _f2i(_floor_div_lanes(a, tirx.Cast(f64, den * _c(2)), inv)) * g[i]
 
     @T_.prim_func
     def res_norm(x: T_.Buffer((n, D), I64), o: T_.Buffer((n, D), I64), g: T_.Buffer((D,), I64), eps_q: T_.int64,

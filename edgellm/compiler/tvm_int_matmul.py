@@ -89,33 +89,39 @@ def _target(tvm_target):
     return tvm.target.Target(tvm_target)
 
 
-def kernel_isa(tvm_target) -> str:
-    """The best kernel variant for a target (as _target takes it): features implied by -mcpu count."""
+def _llvm_features(tvm_target):
+    """(triple, has(feature)) of an LLVM target (as _target takes it), features implied by -mcpu counted;
+    None for other kinds."""
     from tvm.target import codegen
     target = _target(tvm_target)
     if target.kind.name != "llvm":
-        return "generic"
+        return None
     with target:
-        has = lambda f: bool(codegen.target_has_features(f, target))  # noqa: E731
         triple = str(target.attrs.get("mtriple", "")) or codegen.llvm_get_system_triple()
-        if triple.startswith(("x86_64", "i686")):
-            if has("avx2") and (has("avxvnni") or (has("avx512vnni") and has("avx512vl"))):
-                return "avx512vnni"
-            return "avx2" if has("avx2") else "generic"
-        if triple.startswith(("aarch64", "arm64")) and has("dotprod"):
-            return "sdot"
+        has = {f: bool(codegen.target_has_features(f, target))
+               for f in ("avx2", "avxvnni", "avx512vnni", "avx512vl", "dotprod", "f16c")}
+    return triple, has.__getitem__
+
+
+def kernel_isa(tvm_target) -> str:
+    """The best kernel variant for a target (as _target takes it): features implied by -mcpu count."""
+    llvm = _llvm_features(tvm_target)
+    if llvm is None:
+        return "generic"
+    triple, has = llvm
+    if triple.startswith(("x86_64", "i686")):
+        if has("avx2") and (has("avxvnni") or (has("avx512vnni") and has("avx512vl"))):
+            return "avx512vnni"
+        return "avx2" if has("avx2") else "generic"
+    if triple.startswith(("aarch64", "arm64")) and has("dotprod"):
+        return "sdot"
     return "generic"
 
 
 def native_f16(tvm_target) -> bool:
     """Whether the target converts fp16 to float32 in hardware: aarch64 (fcvtl), x86 with F16C (vcvtph2ps)."""
-    from tvm.target import codegen
-    target = _target(tvm_target)
-    if target.kind.name != "llvm":
-        return False
-    with target:
-        triple = str(target.attrs.get("mtriple", "")) or codegen.llvm_get_system_triple()
-        return triple.startswith(("aarch64", "arm64")) or bool(codegen.target_has_features("f16c", target))
+    llvm = _llvm_features(tvm_target)
+    return llvm is not None and (llvm[0].startswith(("aarch64", "arm64")) or llvm[1]("f16c"))
 
 
 # ---------------------------------------------------------------- vector expressions
