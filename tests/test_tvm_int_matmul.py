@@ -93,14 +93,16 @@ def reference(t: dict, qc: IR.QuantConfig, x8: np.ndarray) -> np.ndarray:
     return IR.int_matmul(x8, IR.IntLinear.build(t, NAME, qc).w)
 
 
-def cases(rows: int, cols: int, seed: int = 0, formats=tuple(FORMATS), make=quantized, tag: str = "") -> dict:
-    """name -> (x8, weight arrays, reference acc, (rows, cols, bits, g))."""
+def cases(rows: int, cols: int, seed: int = 0, formats=tuple(FORMATS), make=quantized, tag: str = "",
+          isa: str | None = None) -> dict:
+    """name -> (x8, weight arrays for the `isa` kernels (default: this machine's), reference acc, (rows, cols,
+    bits, g))."""
     from edgellm.compiler.tvm_int_matmul import pack_for_kernel
     out = {}
     for i, fmt in enumerate(formats):
         t, qc = make(fmt, rows, cols, seed + i)
         x8 = activations(cols, seed + 10 + i)
-        out[fmt + tag] = (x8, pack_for_kernel(t, NAME, qc), reference(t, qc, x8), (rows, cols, *FORMATS[fmt]))
+        out[fmt + tag] = (x8, pack_for_kernel(t, NAME, qc, isa=isa), reference(t, qc, x8), (rows, cols, *FORMATS[fmt]))
     return out
 
 
@@ -140,12 +142,12 @@ def host_has(flag: str) -> bool:
 def test_bit_identical_to_integer_reference(tvm, isa):
     if isa == "avx2" and not host_has("avx2"):
         pytest.skip("this CPU has no AVX2")
-    specs = cases(rows=40, cols=384)
-    specs.update(cases(8, 96, seed=7, formats=("w4g32",), tag="narrow"))          # 96 % 64: generic steps
-    specs.update(cases(24, 256, seed=30, formats=("w8", "w4g128"), make=quantized_real, tag="real"))
-    specs.update(cases(16, 576, seed=50, formats=("w4g32", "w4g64"), make=quantized_wide, tag="wide"))
-    specs.update(cases(8, 2304, seed=70, formats=("w4g32",), tag="long"))     # 2 blocks of 18 steps (avx2)
-    specs.update(cases(8, 64, seed=75, formats=("w4g32",), tag="one-step"))   # a block of 1 step
+    specs = cases(rows=40, cols=384, isa=isa)                                  # avx2 g32: a lane block + 2 steps
+    specs.update(cases(8, 96, seed=7, formats=("w4g32",), tag="narrow", isa=isa))   # 96 % 64: generic steps
+    specs.update(cases(24, 256, seed=30, formats=("w8", "w4g128"), make=quantized_real, tag="real", isa=isa))
+    specs.update(cases(16, 576, seed=50, formats=("w4g32", "w4g64"), make=quantized_wide, tag="wide", isa=isa))
+    specs.update(cases(8, 2304, seed=70, formats=("w4g32",), tag="long", isa=isa))  # 9 lane blocks (avx2 g32)
+    specs.update(cases(8, 64, seed=75, formats=("w4g32",), tag="one-step", isa=isa))   # a tail step only
     lib = build(tvm, specs, TARGETS[isa], isa)
     for name, (x8, w, ref, (rows, *_)) in specs.items():
         for i in range(TOKENS):
@@ -157,17 +159,36 @@ def test_bit_identical_to_integer_reference(tvm, isa):
 
 @pytest.mark.parametrize("T", [32, 33])
 def test_prefill_token_blocks(tvm, T):
-    """The prefill kernel computes PREFILL_TOKENS tokens per weight row together, the rest one by one: full
-    chunks and an odd remainder == the reference, row by row."""
-    from edgellm.compiler.tvm_int_matmul import PREFILL_TOKENS, int_matmul_func, pack_for_kernel
-    assert PREFILL_TOKENS > 1 and T % PREFILL_TOKENS == (0 if T == 32 else 1)
-    t, qc = quantized("w4g32", 24, 128, 40)
-    x8 = np.random.default_rng(41).integers(-127, 128, (T, 128)).astype(np.int8)
-    x8[T - 1] = 127
+    """The prefill kernel computes a tile of tokens per weight row together (LANE_TILE's on x86 with 32-column
+    groups, else PREFILL_TOKENS), the rest one by one: full tiles and an odd remainder == the reference."""
+    from edgellm.compiler.tvm_int_matmul import LANE_TILE, PREFILL_TOKENS, int_matmul_func, lane_layout, pack_for_kernel
     target = TARGETS["avx2" if host_has("avx2") else "generic"]
-    fn = int_matmul_func(24, 128, 4, 32, target, None)
+    tokens = LANE_TILE[1] if lane_layout(24, 384, 4, 32, target) else PREFILL_TOKENS
+    assert tokens > 1 and T % tokens == (0 if T == 32 else 1)
+    t, qc = quantized("w4g32", 24, 384, 40)
+    x8 = np.random.default_rng(41).integers(-127, 128, (T, 384)).astype(np.int8)
+    x8[T - 1] = 127
+    fn = int_matmul_func(24, 384, 4, 32, target, None)
     lib = tvm.compile(tvm.IRModule({"mm": fn.with_attr("global_symbol", "mm")}), target=tvm.target.Target(target))
-    assert np.array_equal(run(lib["mm"], x8, pack_for_kernel(t, NAME, qc), 24), reference(t, qc, x8))
+    assert np.array_equal(run(lib["mm"], x8, pack_for_kernel(t, NAME, qc, target), 24), reference(t, qc, x8))
+
+
+def test_lane_layout_moves_whole_column_pairs():
+    """to_lane_layout: in each full 256-column block, step s's int32 lane k (bytes 32s + 4k .. + 3) holds the
+    8 columns of group k at offset 8s (a byte = two adjacent columns), and the tail stays as stored."""
+    from edgellm.runtime.tvm_int_backend import to_lane_layout
+    cols = 576
+    codes = np.random.default_rng(5).integers(0, 16, (3, cols)).astype(np.uint8)
+    packed = IR.pack_int4(codes)
+    lanes = to_lane_layout(packed.copy())
+    for b in range(cols // 256):
+        for s in range(4):
+            for k in range(8):
+                for m in range(4):
+                    c = b * 256 + 32 * k + 8 * s + 2 * m
+                    assert np.array_equal(lanes[:, b * 128 + 32 * s + 4 * k + m], packed[:, c // 2]), (b, s, k, m)
+    assert np.array_equal(lanes[:, 256:], packed[:, 256:])
+    assert np.array_equal(np.sort(lanes, axis=1), np.sort(packed, axis=1))
 
 
 def test_fused_requant_matches_intref(tvm):
@@ -223,7 +244,8 @@ def test_fp16_scales_widened_in_hardware_and_weights_prefetched(tvm):
         assert "prefetcht0" in asm[isa], isa
     assert native_f16(TARGETS["avx2"]) and not native_f16(TARGETS["generic"])
     assert "vcvtph2ps" in asm["avx2"] and "vcvtph2ps" in asm["avx512vnni"] and "vcvtph2ps" not in asm["generic"]
-    assert "vphaddw" in asm["avx2"] and "vphaddd" in asm["avx512vnni"]        # one int32 per group (_w4_quad)
+    for isa in ("avx2", "avx512vnni"):                  # lane layout: the steps of a block add up lane by lane
+        assert "vphadd" not in asm[isa] and "vcvtdq2pd" in asm[isa], isa
 
 
 def test_kernel_isa_follows_the_target(tvm):
@@ -286,8 +308,8 @@ def test_aarch64_kernels_bit_identical_under_qemu(tvm, arm_rootfs, tmp_path):  #
     from edgellm.compiler.tvm_build import cross_compiler
     from edgellm.compiler.tvm_int_matmul import kernel_isa
     from edgellm.devices.targets import get_target
-    specs = cases(rows=24, cols=256, seed=20)
-    specs.update(cases(16, 256, seed=60, formats=("w4g32",), make=quantized_wide, tag="wide"))
+    specs = cases(rows=24, cols=256, seed=20, isa="sdot")             # ARM kernels read the stored layout
+    specs.update(cases(16, 256, seed=60, formats=("w4g32",), make=quantized_wide, tag="wide", isa="sdot"))
     script = tmp_path / "run_arm.py"
     script.write_text(ARM_SCRIPT)
     procs = {}

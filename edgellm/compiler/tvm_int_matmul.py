@@ -4,20 +4,20 @@ acc[t, j] = sum_k x8[t, k] * W_int[j, k] as int64, bit-identical to intref.int_m
 Weights stay in their stored form: w8 int8 [rows, cols]; w4 packed nibbles [rows, cols/2] (low nibble = even
 column, value code - 8) and the fp16 group scales as stored (2 bytes per group), plus per row the float64
 2^-base of intref.w4_group_scales: every scale of row j is an integer multiple of 2^base[j], so
-W_int[j, k] = (code - 8) * scale[j, k//g] * 2^-base[j]. fp16 scales in place of the former float64
-mant << shift cut the bytes a token streams by a sixth (107.9 -> 89.3 MB for SmolLM2-135M at g32, head
-included), but on the 2-core EPYC host (one thread, interleaved, gate|up shape) that alone gained nothing: the
-kernel was compute-bound with cache-hot weights and only ~20% slower with weights streamed from memory. So
-the per-group float work is cut too (_w4_quad: 3072x576 hot 89 -> 73 us) and the rows ahead are prefetched
-(_prefetch: streamed 110 -> 85 us). A SmolLM2-135M token's matmuls got 1.13x faster (2 threads, load 1.3;
-1.14-1.26x with other processes running; tools/bench_int_matmul.py --baseline HEAD), tvm-int decode and
-prefill 1.20x each (interleaved A/B in one process, bit-identical logits; 1.1-1.4x under heavier load).
+W_int[j, k] = (code - 8) * scale[j, k//g] * 2^-base[j]. On x86 with 32-column groups the device lays the
+codes out once at load time in the "lane layout" (edgellm.runtime.tvm_int_backend.to_lane_layout, chosen by
+lane_layout and reported by the library), so the 4 steps of a 256-column block add up lane by lane: int32 lane
+k = group k, no horizontal adds (_w4_lanes). Prefill computes a tile of LANE_TILE tokens per weight row (each
+code vector unpacked once for all of them: a small GEMM), decode one row per expression; the per-token part
+of the requant is computed once per call and the rest runs in int64 vectors over ROW_BLOCK rows. Against the
+horizontal-add kernel this replaced (interleaved, one process, AVX2 host): prefill matmuls 1.6x (T=64, 2
+threads), decode 1.07x with the weights streamed from memory.
 
 Shapes are static, so each row is built as one TIR expression per block of columns (Let-bound vectors, no
 buffers): LLVM keeps every partial sum in registers, while a TIR accumulator buffer inside the parallel loop
 would be a heap allocation per row on TVM 0.27. Once per token, x8 is split into even and odd columns (so
-they line up with the low and high nibbles) and 8 * sum(x8) per 8 columns (or per group) is precomputed. The
-int8 dot products use the target's instructions, named as LLVM intrinsics:
+they line up with the low and high nibbles; lane layout: in its block order) and 8 * sum(x8) per 8 columns (or
+per group) is precomputed. The int8 dot products use the target's instructions, named as LLVM intrinsics:
 - avx2: vpmaddubsw (unsigned x signed bytes) + vpmaddwd. w4 feeds the unsigned codes 0..15 and subtracts
   8 * sum(x) afterwards (that sum is computed once per token, shared by all rows); w8 uses llama.cpp's sign
   trick |w| x sign(x, w), exact for |x8| <= 127 (what intref's quant_dynamic produces).
@@ -28,9 +28,8 @@ The w4 inner sum of a group fits int32 (|x8| <= 127, |code - 8| <= 8, g <= 128);
 scale (widened by F16C vcvtph2ps / NEON fcvtl, or by moving the bits on x86 without F16C) are accumulated in
 float64 lanes, exactly: every product is an integer multiple of 2^base (a group sum below 2^17 times an 11-bit
 mantissa), every partial sum below 2^53 * 2^base (the bound IntLinear.build checks), and the row total times
-2^-base is the integer accumulator. On x86 with 32-column groups, horizontal adds first reduce 4 steps to one
-int32 per group (_w4_quad), so the float work is per 8 groups, not per group. The requant (IntLinear.__call__'s
-tail) is fused per output. Rows are split over the TVM runtime's thread pool (TVM_NUM_THREADS, or
+2^-base is the integer accumulator, whatever the order of the sum. The requant (IntLinear.__call__'s tail) is
+fused per output. Rows are split over the TVM runtime's thread pool (TVM_NUM_THREADS, or
 runtime.config_threadpool as edgellm.runtime.tvm_backend sets it).
 """
 from __future__ import annotations
@@ -43,14 +42,14 @@ import numpy as np
 from ..devices import targets
 from ..errors import EdgeLLMError
 from ..runtime.intref import QuantConfig
-from ..runtime.tvm_int_backend import matmul_weights
+from ..runtime.tvm_int_backend import matmul_weights, to_lane_layout
 from . import tvm_build
+from .tvm_build import host_target
 
 ISAS = ("avx512vnni", "avx2", "sdot", "generic")
 _LET_IDS = itertools.count()
-BLOCK_COLS = 256        # columns unrolled per inner loop iteration (_w4_paired: PAIRED_BLOCK_COLS)
-PREFILL_TOKENS = 2      # w4 prefill (symbolic T): tokens computed together per weight row (2, 4 and 8 measured
-                        # alike, within 3%, and a few % faster than 1 on the AVX2 host)
+BLOCK_COLS = 256        # columns unrolled per inner loop iteration (the plain-layout w4 and the w8 kernels)
+PREFILL_TOKENS = 2      # plain-layout w4 prefill (symbolic T): tokens computed together per weight row
 
 
 @dataclass(frozen=True)
@@ -211,59 +210,6 @@ def _w4_step(isa: Isa, wq, xd, xc, j, t, c):
     return d - _load(xc, t, c * lanes, lanes)
 
 
-def _paired(isa: Isa, g: int) -> bool:
-    """Whether w4 blocks reduce to one int32 per group before any float work (_w4_paired): x86 with 32-column
-    groups, where per-group float64 conversions would otherwise cost as much as the dot products."""
-    return isa.name in ("avx2", "avx512vnni") and g == 32
-
-
-PAIR_SLOTS = [2 * (s % 4) + s // 4 for s in range(8)]    # slot -> group of a quad after three phadds
-PAIRED_BLOCK_COLS = 2048    # columns per block of _w4_paired: one float64 reduction per row up to this width
-PREFETCH_BYTES = 4096       # how far ahead of the current row the weights are prefetched (see _prefetch)
-
-
-def _group_corr(x8, t, b, slot, B: int):
-    """8 * sum(x8) over the 32 columns of the group in `slot` (quad slot // 8, PAIR_SLOTS order) of block b of
-    _w4_paired; 0 for the slots a quad of fewer than 4 steps leaves empty."""
-    q, s = slot // 8, slot % 8
-    gi = 2 * (s % 4) + s // 4                                # PAIR_SLOTS[s]
-    n = 2 * tir.min(4, B // 64 - 4 * q)                      # groups in the quad
-    col = b * B + (8 * q + tir.min(gi, n - 1)) * 32
-    return tir.Select(gi < n, 8 * _sum([tir.Cast("int32", x8[t, col + m]) for m in range(32)]), 0)
-
-
-def _w4_quad(isa: Isa, wq, xd, xq, sc: tuple, j, t, c0: int, S: int, g0, q0):
-    """float64x4 partial sums of S <= 4 steps from step c0 (2S groups of 32 columns from group g0): three
-    horizontal adds (phaddw on avx2's int16 pairs, |16 columns| <= 16 * 15 * 127 < 2^15, then vpmaddwd;
-    phaddd on VNNI's int32) leave one int32 per group in slots [g0 g2 g4 g6 | g1 g3 g5 g7], minus the
-    precomputed 8 * sum(x) of each (xq from q0); the two halves times the matching fp16 scales."""
-    scale, _, native = sc
-    ty, lanes, op = ("int16", 16, "w") if isa.name == "avx2" else ("int32", 8, "d")
-    hadd = lambda u, v: _intrin(f"{ty}x{lanes}", f"llvm.x86.avx2.phadd.{op}", u, v)  # noqa: E731
-    zero = _splat(0, ty, lanes)
-    raw = [_w4_raw(isa, wq, xd, j, t, c0 + c) for c in range(S)] + [zero] * (4 - S)
-    sums = hadd(hadd(raw[0], raw[1]), hadd(raw[2], raw[3]) if S > 2 else zero)
-    if isa.name == "avx2":
-        sums = _intrin("int32x8", "llvm.x86.avx2.pmadd.wd", sums, _splat(1, "int16", 16))
-    sums = sums - _load(xq, t, q0, 8)
-    spans = ((0, 8),) if S == 4 else ((0, 4), (4, 2)) if S == 3 else ((0, 2 * S),)
-    parts = [scale[j, tir.Ramp(g0 + i, 1, w)] for i, w in spans]
-    h8 = parts[0] if S == 4 else tir.Shuffle(parts + [_splat(0.0, "float16", 8 - 2 * S)], list(range(8)))  # 8 groups
-    return _let(h8, "float16x8", lambda h: _let(sums, "int32x8", lambda v: _sum([
-        tir.Cast("float64x4", q) * _f64(tir.Shuffle([h], PAIR_SLOTS[4 * k:4 * k + 4]), 4, native)
-        for k, q in enumerate(_halves(v, "int32x4"))])))
-
-
-def _w4_paired(isa: Isa, B: int, wq, xd, xq, sc: tuple, j, t, b):
-    """Columns [b*B, (b+1)*B) of acc[t, j] for w4 with 32-column groups on x86: _w4_quad over quads of 4
-    steps (8 groups), one float64x4 sum for the block (blocks are long: PAIRED_BLOCK_COLS), then the lanes
-    times the row's 2^-base: exact as in _w4_block."""
-    S = B // isa.chunk4
-    quads = [_w4_quad(isa, wq, xd, xq, sc, j, t, b * S + c, min(4, S - c), b * (2 * S) + 2 * c,
-                      (b * ((S + 3) // 4) + c // 4) * 8) for c in range(0, S, 4)]
-    return tir.Cast("int64", _hsum(_sum(quads), 4, "float64") * sc[1][j])
-
-
 def _w8_step(isa: Isa, w, x8, j, t, c):
     """int32 lanes of w8 step c (chunk8 columns): partial sums of x8 * w."""
     n = isa.chunk8
@@ -315,8 +261,6 @@ def _w4_block(isa: Isa, B: int, g: int, wq, xd, xc, sc: tuple, j, t, b):
     (a group dot below 2^17 times an 11-bit mantissa), every partial sum below 2^53 * 2^base (IntLinear.build's
     bound). sc = (scale buffer, rowf buffer, native fp16 conversion). Unrolled over the block; b may be a loop
     variable."""
-    if _paired(isa, g):
-        return _w4_paired(isa, B, wq, xd, xc, sc, j, t, b)
     scale, rowf, native = sc
     steps = B // isa.chunk4
     lanes = 4 if not isa.corrected else isa.chunk4 // 8
@@ -359,6 +303,9 @@ def _w8_block(isa: Isa, B: int, w, x8, j, t, b):
     return tir.Cast("int64", _hsum(_sum([_w8_step(isa, w, x8, j, t, b * steps + c) for c in range(steps)]), lanes, "int32"))
 
 
+PREFETCH_BYTES = 4096   # how far ahead of the current row the weights are prefetched (see _prefetch)
+
+
 def _prefetch(buf, row, rows: int, row_bytes: int, line, item: int = 1):
     """Software prefetch (llvm.prefetch: read, keep) of 64-byte line `line` of row `row` + PREFETCH_BYTES /
     row_bytes of buf; issued for every line of every row, so (rows being contiguous) every line ahead is
@@ -383,6 +330,141 @@ def _block_cols(cols: int, unit: int, limit: int) -> int:
     return best
 
 
+# ---------------------------------------------------------------- lane layout (x86, 32-column groups)
+
+LANE_COLS = 256         # columns of a lane block: 8 groups of 32, 4 steps of 64
+LANE_TILE = (1, 4)      # prefill: rows x tokens per expression, the codes unpacked once per tile (1 x 4 measured
+                        # best of 1-4 x 1-8 on the AVX2 host)
+ROW_BLOCK = 16          # rows per parallel task (lane and w8 kernels): their requant runs in int64 vectors this wide
+DECODE_ROWS = 1         # decode: rows per expression (2 and 4 measured slower: LLVM spills the shared x vectors)
+
+
+def lane_layout(rows: int, cols: int, w_bits: int, group_size: int | None, tvm_target, isa: str | None = None) -> bool:
+    """Whether the kernel int_matmul_func builds for these arguments reads w4 codes in the lane layout
+    (edgellm.runtime.tvm_int_backend.to_lane_layout): x86 with 32-column groups. There, int32 lane k of
+    every step of a 256-column block belongs to group k of the block, so the block's 4 steps add up lane by
+    lane: no horizontal adds, one float64 multiply per 4 groups (1.07x decode, 1.6x prefill over the
+    horizontal-add kernel it replaced, interleaved on the AVX2 host)."""
+    if w_bits != 4:
+        return False
+    k = _check(rows, cols, w_bits, group_size, _ISA[isa or kernel_isa(tvm_target)])
+    return k.name in ("avx2", "avx512vnni") and group_size == 32 and rows % LANE_TILE[0] == 0 \
+        and rows % DECODE_ROWS == 0
+
+
+def _lane_f64(v, s8):
+    """float64x4: the int32x8 lanes v times the float64x8 scales s8, the two halves added (one accumulator
+    register per output instead of two)."""
+    return _let(v, "int32x8", lambda u: _let(s8, "float64x8", lambda f: _sum([
+        tir.Cast("float64x4", q) * g for q, g in zip(_halves(u, "int32x4"), _halves(f, "float64x4"))])))
+
+
+def _lane_block(isa: Isa, wq, xd, xg, f64s, j, t, b: int):
+    """float64x4 of lane block b of acc[t, j], lanes k and k + 4 = (group 8b + k's dot) * its fp16 scale, added.
+    The unsigned-code dot of each step (avx2 int16 lanes <= 4 * 15 * 127, so 4 steps stay below 2^15; VNNI
+    int32) summed over the block's 4 steps, minus the group's precomputed 8 * sum(x) (xg)."""
+    raw = _sum([_w4_raw(isa, wq, xd, j, t, 4 * b + s) for s in range(4)])
+    if isa.name == "avx2":
+        raw = _intrin("int32x8", "llvm.x86.avx2.pmadd.wd", raw, _splat(1, "int16", 16))
+    return _lane_f64(raw - xg[t, tir.Ramp(8 * b, 1, 8)], f64s(j, b))
+
+
+def _lane_tail(isa: Isa, wq, xd, xt, scale, native: bool, j, t, c: int, c0: int):
+    """float64x4 of step c (plain layout: lanes 0-3 group 2c, 4-7 group 2c + 1) past the last full lane block
+    (step c0 on): int32 lanes of 8 columns minus their 8 * sum(x) (xt), times their group's scale."""
+    raw = _intrin("int32x8", "llvm.x86.avx2.pmadd.wd", _w4_raw(isa, wq, xd, j, t, c), _splat(1, "int16", 16)) \
+        if isa.name == "avx2" else _w4_raw(isa, wq, xd, j, t, c)
+    h = _f64(scale[j, tir.Ramp(2 * c, 1, 2)], 2, native)
+    return _lane_f64(raw - xt[t, tir.Ramp(8 * (c - c0), 1, 8)], tir.Shuffle([h] * 4, [0, 2, 4, 6, 1, 3, 5, 7]))
+
+
+def _lane_row(isa: Isa, cols: int, wq, xd, xg, xt, sc: tuple, j, t):
+    """acc[t, j] (int64) of a lane-layout w4 row: every block and tail step in float64x4 lanes, one horizontal
+    sum, times the row's 2^-base. Exact as _w4_block (integers below 2^53 * 2^base, any order)."""
+    scale, rowf, native = sc
+    nb = cols // LANE_COLS
+    f64s = lambda r, b: _f64(scale[r, tir.Ramp(8 * b, 1, 8)], 8, native)  # noqa: E731
+    terms = [_lane_block(isa, wq, xd, xg, f64s, j, t, b) for b in range(nb)]
+    terms += [_lane_tail(isa, wq, xd, xt, scale, native, j, t, c, 4 * nb) for c in range(4 * nb, cols // 64)]
+    return tir.Cast("int64", _hsum(_sum(terms), 4, "float64") * rowf[j])
+
+
+def _byte_sum(x8, t, c0):
+    """sum(x8[t, c0:c0 + 32]) as int32 with x86's pair-summing multiplies (by ones): vpmaddubsw, vpmaddwd."""
+    pairs = _intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw", _splat(1, "int8", 32), x8[t, tir.Ramp(c0, 1, 32)])
+    return _hsum(_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", pairs, _splat(1, "int16", 16)), 8, "int32")
+
+
+def _tile_index(base, rows: int, R: int, N: int):
+    """Flat indices of acc[t0 + i, j0 + r] for r < R, i < N (row-major in r), base = t0 * rows + j0."""
+    if R * N == 1:
+        return base
+    return tir.Shuffle([tir.Ramp(base + r, rows, N) if N > 1 else base + r for r in range(R)], list(range(R * N)))
+
+
+def _w4_lanes(k: Isa, rows: int, cols: int, n, native: bool, T):
+    """The w4 kernel over lane-layout codes (see int_matmul_func for the buffers): per token, x8 laid out to
+    match (xd), 8 * sum(x) per group (xg) and per 8 tail columns (xt); then tiles of R rows x N tokens, each
+    one expression whose code vectors LLVM loads and unpacks once for all N tokens."""
+    from tvm.script import tirx as T_
+    from .tvm_int import rshift_round
+    R, N = (DECODE_ROWS, 1) if T == 1 else LANE_TILE
+    nb, G = cols // LANE_COLS, cols // 32
+    c0, tail = 4 * nb, cols // 64 - 4 * nb
+    o0 = nb * LANE_COLS
+
+    def tile(xd, xg, xt, sc, wq, j0, t0, nt: int):
+        return tir.Shuffle([_lane_row(k, cols, wq, xd, xg, xt, sc, j0 + r, t0 + i) for r in range(R)
+                            for i in range(nt)], list(range(R * nt))) if R * nt > 1 else \
+            _lane_row(k, cols, wq, xd, xg, xt, sc, j0, t0)
+
+    RB = _block_cols(rows, R, ROW_BLOCK)                  # rows per parallel task (a multiple of R)
+
+    @T_.prim_func
+    def w4(x8: T_.Buffer((n, cols), "int8"), wq: T_.Buffer((rows, cols // 2), "uint8"),
+           scale: T_.Buffer((rows, G), "float16"), rowf: T_.Buffer((rows,), "float64"),
+           amax: T_.Buffer((n, 1), "int64"), m: T_.Buffer((rows,), "int64"), s: T_.Buffer((rows,), "int64"),
+           pre: T_.Buffer((rows,), "int64"), acc: T_.Buffer((n, rows), "int64")):
+        T_.func_attr({"tir.noalias": True})
+        xd = T_.alloc_buffer((n, cols), "int8")           # block b, step s: even then odd columns, lane k = group k
+        xg = T_.alloc_buffer((n, G), "int32")             # 8 * sum(x8) per group
+        xt = T_.alloc_buffer((n, max(1, 8 * tail)), "int32")   # 8 * sum(x8) per 8 columns of the tail steps
+        ta = T_.alloc_buffer((n, 2), "int64")             # per token: amax kept to 16 bits, and the bits dropped
+        flat = T_.decl_buffer((n * rows,), "int64", data=acc.data)
+        for t, b, st in T_.grid(n, nb, 4):                  # 4 bytes at a time: a stride-2 load each
+            for p in T_.unroll(2):
+                for kk in T_.unroll(8):
+                    for q in T_.vectorized(4):
+                        xd[t, b * 256 + st * 64 + p * 32 + kk * 4 + q] = x8[t, b * 256 + kk * 32 + st * 8 + q * 2 + p]
+        for t, c in T_.grid(n, tail):
+            for i in T_.vectorized(32):
+                xd[t, o0 + c * 64 + i] = x8[t, o0 + c * 64 + 2 * i]
+                xd[t, o0 + c * 64 + 32 + i] = x8[t, o0 + c * 64 + 2 * i + 1]
+        for t, gi in T_.grid(n, G):
+            xg[t, gi] = 8 * _byte_sum(x8, t, gi * 32)
+        for t, li in T_.grid(n, 8 * tail):
+            xt[t, li] = 8 * _sum([T_.Cast("int32", x8[t, o0 + li * 8 + q]) for q in range(8)])
+        for t in range(n):
+            ta[t, 1] = _amax_drop(amax[t, 0])
+            ta[t, 0] = rshift_round(amax[t, 0], ta[t, 1])
+        for jb in T_.parallel(rows // RB):
+            for jr in range(RB // R):
+                for r, ln in T_.grid(R, _lines(cols // 2)):
+                    T_.evaluate(_prefetch(wq, jb * RB + jr * R + r, rows, cols // 2, ln))
+                for r, ln in T_.grid(R, _lines(G * 2)):
+                    T_.evaluate(_prefetch(scale, jb * RB + jr * R + r, rows, G * 2, ln, 2))
+                for tb in range(n // N):
+                    flat[_tile_index(tb * N * rows + jb * RB + jr * R, rows, R, N)] = tile(
+                        xd, xg, xt, (scale, rowf, native), wq, jb * RB + jr * R, tb * N, N)
+                for t in range(n // N * N, n):
+                    flat[_tile_index(t * rows + jb * RB + jr * R, rows, R, 1)] = tile(
+                        xd, xg, xt, (scale, rowf, native), wq, jb * RB + jr * R, t, 1)
+            for t in range(n):
+                for jv in T_.vectorized(RB):
+                    acc[t, jb * RB + jv] = _requant_lanes(acc[t, jb * RB + jv], ta, m, s, pre, t, jb * RB + jv)
+    return w4
+
+
 # ---------------------------------------------------------------- kernels
 
 def _check(rows: int, cols: int, w_bits: int, group_size: int | None, isa: Isa) -> Isa:
@@ -401,6 +483,19 @@ def _check(rows: int, cols: int, w_bits: int, group_size: int | None, isa: Isa) 
         raise EdgeLLMError(f"integer matmul kernels need a column count that is a multiple of {step}, got "
                            f"{rows}x{cols}", f"pad the weight matrix to a multiple of {step} columns")
     return isa
+
+
+def _amax_drop(a):
+    """The bits a token's amax drops to fit 16 bits (IntLinear.__call__'s sa)."""
+    from .tvm_int import bitlen
+    return tir.max(bitlen(a) - tir.const(16, "int64"), tir.const(0, "int64"))
+
+
+def _requant_lanes(acc, ta, m, s, pre, t, j):
+    """_requant with the token's 16-bit amax and dropped bits precomputed (ta[t] = a16, sa): row j may be a
+    vector of rows."""
+    from .tvm_int import rshift_round
+    return rshift_round(rshift_round(acc * ta[t, 0], pre[j]) * m[j], s[j] - ta[t, 1] - pre[j])
 
 
 def _requant(acc, amax, m, s, pre, t, j):
@@ -426,6 +521,7 @@ def int_matmul_func(rows: int, cols: int, w_bits: int, group_size: int | None, t
     """
     _tvm()
     from tvm.script import tirx as T_
+    from .tvm_int import rshift_round
     name = isa or kernel_isa(tvm_target)
     if name not in _ISA:
         raise EdgeLLMError(f"unknown integer matmul variant {name!r}", f"choose one of {', '.join(ISAS)}")
@@ -434,25 +530,36 @@ def int_matmul_func(rows: int, cols: int, w_bits: int, group_size: int | None, t
     if w_bits == 8:
         B = _block_cols(cols, k.chunk8, BLOCK_COLS)
 
+        RB = _block_cols(rows, 1, ROW_BLOCK)
+
         @T_.prim_func
         def w8(x8: T_.Buffer((n, cols), "int8"), w: T_.Buffer((rows, cols), "int8"),
                amax: T_.Buffer((n, 1), "int64"), m: T_.Buffer((rows,), "int64"), s: T_.Buffer((rows,), "int64"),
                pre: T_.Buffer((rows,), "int64"), acc: T_.Buffer((n, rows), "int64")):
             T_.func_attr({"tir.noalias": True})
-            for j in T_.parallel(rows):
-                for ln in range(_lines(cols)):
-                    T_.evaluate(_prefetch(w, j, rows, cols, ln))
+            ta = T_.alloc_buffer((n, 2), "int64")
+            for t in range(n):
+                ta[t, 1] = _amax_drop(amax[t, 0])
+                ta[t, 0] = rshift_round(amax[t, 0], ta[t, 1])
+            for jb in T_.parallel(rows // RB):
+                for jr in range(RB):
+                    for ln in range(_lines(cols)):
+                        T_.evaluate(_prefetch(w, jb * RB + jr, rows, cols, ln))
+                    for t in range(n):
+                        acc[t, jb * RB + jr] = T_.int64(0)
+                        for b in range(cols // B):
+                            acc[t, jb * RB + jr] = acc[t, jb * RB + jr] + _w8_block(k, B, w, x8, jb * RB + jr, t, b)
                 for t in range(n):
-                    acc[t, j] = T_.int64(0)
-                    for b in range(cols // B):
-                        acc[t, j] = acc[t, j] + _w8_block(k, B, w, x8, j, t, b)
-                    acc[t, j] = _requant(acc[t, j], amax, m, s, pre, t, j)
+                    for jv in T_.vectorized(RB):
+                        acc[t, jb * RB + jv] = _requant_lanes(acc[t, jb * RB + jv], ta, m, s, pre, t, jb * RB + jv)
         return w8
     g, C = group_size, k.chunk4
+    if lane_layout(rows, cols, w_bits, g, tvm_target, k.name):
+        return _w4_lanes(k, rows, cols, n, native_f16(tvm_target), T)
     half = C // 2
     TB = 1 if T == 1 else PREFILL_TOKENS
-    f16, paired = native_f16(tvm_target), _paired(k, g)
-    B = _block_cols(cols, max(g, C), PAIRED_BLOCK_COLS if paired else BLOCK_COLS)
+    f16 = native_f16(tvm_target)
+    B = _block_cols(cols, max(g, C), BLOCK_COLS)
 
     @T_.prim_func
     def w4(x8: T_.Buffer((n, cols), "int8"), wq: T_.Buffer((rows, cols // 2), "uint8"),
@@ -461,16 +568,13 @@ def int_matmul_func(rows: int, cols: int, w_bits: int, group_size: int | None, t
            pre: T_.Buffer((rows,), "int64"), acc: T_.Buffer((n, rows), "int64")):
         T_.func_attr({"tir.noalias": True})
         xd = T_.alloc_buffer((n, cols), "int8")            # per step: even columns, then odd columns
-        xc = T_.alloc_buffer((n, cols // 8), "int32")      # 8 * sum of x8 per 8-column lane, or per group (paired)
+        xc = T_.alloc_buffer((n, cols // 8), "int32")      # 8 * sum of x8 per 8-column lane
         flat = T_.decl_buffer((n * rows,), "int64", data=acc.data)     # acc, for the strided token vectors
         for t, c in T_.grid(n, cols // C):
             for i in T_.vectorized(half):
                 xd[t, c * C + i] = x8[t, c * C + 2 * i]
                 xd[t, c * C + half + i] = x8[t, c * C + 2 * i + 1]
-        if paired:
-            for t, bb, sl in T_.grid(n, cols // B, (B // C + 3) // 4 * 8):
-                xc[t, bb * ((B // C + 3) // 4 * 8) + sl] = _group_corr(x8, t, bb, sl, B)
-        elif k.corrected:
+        if k.corrected:
             for t, lo in T_.grid(n, cols // 32):
                 for li in T_.vectorized(4):
                     xc[t, lo * 4 + li] = 8 * _sum([T_.Cast("int32", x8[t, lo * 32 + li * 8 + m]) for m in range(8)])
@@ -494,7 +598,13 @@ def int_matmul_func(rows: int, cols: int, w_bits: int, group_size: int | None, t
     return w4
 
 
-def pack_for_kernel(t: dict, name: str, qc: QuantConfig) -> tuple[np.ndarray, ...]:
-    """The kernel's weight arrays for linear `name` of a QuantizedModel's tensors: (w8,) or (wq, scale, rowf)
-    (edgellm.runtime.tvm_int_backend.matmul_weights: the device packs them at load time)."""
-    return matmul_weights(t, name, qc)
+def pack_for_kernel(t: dict, name: str, qc: QuantConfig, tvm_target=None, isa: str | None = None) -> tuple[np.ndarray, ...]:
+    """The weight arrays of linear `name` of a QuantizedModel's tensors for the kernel int_matmul_func builds
+    for `tvm_target` (default: this machine) and `isa`: (w8,) or (wq, scale, rowf), wq in the lane layout
+    where that kernel reads it (edgellm.runtime.tvm_int_backend: the device packs them at load time)."""
+    arrays = matmul_weights(t, name, qc)
+    if len(arrays) == 3:
+        rows, half = arrays[0].shape
+        if lane_layout(rows, 2 * half, 4, qc.group_size, host_target() if tvm_target is None else tvm_target, isa):
+            arrays = (to_lane_layout(arrays[0].copy()),) + arrays[1:]
+    return arrays

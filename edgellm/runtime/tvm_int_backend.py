@@ -32,7 +32,7 @@ from .intref import (LINEARS, SCORE_F, IntKVCache, IntTransformer, QuantConfig, 
 from .tvm_backend import Buffer, TvmBackend, TvmKVCache, _runtime, aligned_empty
 
 INT_LIBRARY = "kernels/int.so"     # where a bundle keeps the integer kernels
-INT_KERNEL_ABI = 4                 # bump when a kernel's arguments or semantics change
+INT_KERNEL_ABI = 5                 # bump when a kernel's arguments or semantics change
 
 
 def linear_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
@@ -81,6 +81,7 @@ def int_kernel_names(cfg: ModelConfig, qc: QuantConfig) -> dict:
     """The contract between edgellm.compiler.tvm_int and this backend: which library function does what.
 
     Fast path (fast_path(cfg, qc)): "mm" maps (rows, cols, bits, T) -> name, T = 1 (decode) or None (any T);
+    "w4_layout" writes int32 [len(mm)]: 1 where that matmul reads w4 codes in the lane layout (to_lane_layout);
     fused kernels "norm_quant" (RMSNorm + int8), "res_norm_quant" (residual add + RMSNorm + int8),
     "qkv_post" (RoPE + int8 q; RoPE + int8 k and v at the cache scale written into the KV cache),
     "attention_q8" (attention + int8),
@@ -95,7 +96,7 @@ def int_kernel_names(cfg: ModelConfig, qc: QuantConfig) -> dict:
     if fast_path(cfg, qc):
         mm = {(r, c, b, T): f"int_mm_w{b}_{r}x{c}{'_t1' if T else ''}" for r, c, b in matmul_shapes(cfg, qc)
               for T in (1, None)}
-        return {**base, "fast": True, "mm": dict(sorted(mm.items(), key=lambda kv: kv[1])),
+        return {**base, "fast": True, "mm": dict(sorted(mm.items(), key=lambda kv: kv[1])), "w4_layout": "int_w4_layout",
                 "norm_quant": f"int_norm_quant_{cfg.dim}", "res_norm_quant": f"int_res_norm_quant_{cfg.dim}",
                 "qkv_post": f"int_qkv_post_kv_{qd}_{kvd}", "attention_q8": "int_attention_q8",
                 "attention_q8_t1": "int_attention_q8_t1",
@@ -149,6 +150,18 @@ def matmul_weights(t: dict, name: str, qc: QuantConfig) -> tuple[np.ndarray, ...
         return (np.ascontiguousarray(q),)
     rowf = matmul_scale(t, name, qc)
     return np.ascontiguousarray(q, dtype=np.uint8), np.ascontiguousarray(t[name + ".scale"]), rowf
+
+
+def to_lane_layout(q: np.ndarray) -> np.ndarray:
+    """Packed w4 codes [rows, cols/2] rearranged in place (and returned) for the lane-layout kernels
+    (edgellm.compiler.tvm_int_matmul.lane_layout): in each full 256-column block (128 bytes), byte 32s + 4k + m
+    takes byte 16k + 4s + m (its 4-byte words transposed 8x4 -> 4x8), so the int32 lane k of the block's step
+    s holds 8 columns of group k. Bytes past the last full block stay as stored."""
+    rows, nbytes = q.shape
+    n = nbytes // 128 * 128
+    if n:
+        q[:, :n] = q[:, :n].reshape(rows, n // 128, 8, 4, 4).transpose(0, 1, 3, 2, 4).reshape(rows, n)
+    return q
 
 
 def matmul_scale(t: dict, name: str, qc: QuantConfig) -> np.ndarray:
@@ -354,6 +367,13 @@ class TvmIntBackend(TvmBackend):
         if qc.act_block:                                                  # their per-block amax (act="block")
             self.amax_blocks = {K: int_buffer((self.chunk, K // qc.act_block), i64) for K in {D, qd, Fd}}
 
+    def _lane_kernels(self, names: dict) -> set[str]:
+        """The matmul kernels of the library that read w4 codes in the lane layout (it says which: the
+        compiler chose per target)."""
+        flags = int_buffer((len(names["mm"]),), np.int32)
+        self._fn(names["w4_layout"])(flags.t)
+        return {n for n, f in zip(names["mm"].values(), flags.np) if f}
+
     def _matmuls(self, mm: dict, names: list[str], consts: list, bits: list[int]) -> dict:
         """The fast matmul call(s) of linears sharing an input: one over their concatenated rows when their
         widths agree (requant constants are per row, so this is exact), else one each (mixed precision)."""
@@ -364,6 +384,8 @@ class TvmIntBackend(TvmBackend):
             cs = [by_name[n] for n in ns]
             w = [self._codes[ns]]                           # codes read by _read_codes
             if b == 4:                                      # fp16 group scales as stored, and 2^-base per row
+                if self._names["mm"][(len(w[0].np), w[0].np.shape[1] * 2, 4, None)] in self._lanes:
+                    to_lane_layout(w[0].np)
                 rowf = np.concatenate([matmul_scale(t, n, qc) for n in ns])
                 w += [read_stacked(t, ns, ".scale")[0], int_buffer(rowf)]
             m = np.concatenate([np.asarray(c[0], np.int64).reshape(-1) for c in cs])
@@ -382,6 +404,7 @@ class TvmIntBackend(TvmBackend):
         """Fused kernels: q|k|v and gate|up as one matmul each (requant fused), norms and quantizations fused."""
         c, qc, t = self.cfg, self.qc, self.qmodel.tensors
         mm = {key: self._fn(n) for key, n in names["mm"].items()}
+        self._names, self._lanes = names, self._lane_kernels(names)
         self.k = {key: self._fn(names[key]) for key in ("embed", "norm_quant", "res_norm_quant", "qkv_post",
                                                         "attention_q8", "silu_quant", "silu_quant_t1",
                                                         "attention_q8_t1")}
