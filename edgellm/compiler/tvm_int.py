@@ -697,15 +697,16 @@ def res_norm_quant_kernel(D: int):
     return res_norm
 
 
-def attention_decode_kernel(cfg: ModelConfig, prob_bits: int, q_bits: int = 8):
-    """attention_kernel(quant=True) for one query row (decode), same arguments and bits, in vector lanes.
+def attention_lanes_kernel(cfg: ModelConfig, prob_bits: int, q_bits: int = 8, T: int | None = None):
+    """attention_kernel(quant=True), same arguments and bits, in vector lanes, one query row after another.
 
     Per KV head: the dot products of its n_rep query heads with each cached key (the key row read once), the
     key's 16-bit amax factor once per position; then per query head LANES positions at a time: scores in int64
     lanes, the I-BERT exp in int32 lanes (int_exp_lanes), the softmax division in float64 lanes with an exact
     int64 remainder, and P @ V in int32 blocks of 256 positions (p < 2^16, |v| <= 127) widened to int64.
-    KV heads split over threads (scratch is laid out per KV head): 0.78 -> 0.58 ms per token at 64-192
-    positions on the 2-core host, interleaved (an earlier run under heavy load had measured it slower)."""
+    Scratch is laid out per row and KV head. Prefill (symbolic T): rows split over threads (2.1x faster than
+    attention_rows_kernel's scalar loop at a 64-token prompt); T = 1 (decode): KV heads split over threads
+    (0.78 -> 0.58 ms per token at 64-192 positions on the 2-core host, interleaved)."""
     from tvm import tirx
     from tvm.script import tirx as T_
     from .tvm_int_matmul import _hsum, _sum, _tvm as _matmul_tvm
@@ -713,122 +714,128 @@ def attention_decode_kernel(cfg: ModelConfig, prob_bits: int, q_bits: int = 8):
     H, KVH, d, rep, NL = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.n_rep, cfg.n_layers
     HD, V, W = H * d, LANES, 16
     if d % W or HD % V:
-        return attention_rows_kernel(cfg, prob_bits, q_bits, 1)
+        return attention_rows_kernel(cfg, prob_bits, q_bits, T)
     q_ln2, q_b, q_c, _ = exp_consts(SCORE_F)
     qdt, P, BL = "int8" if q_bits == 8 else "int16", (1 << prob_bits) - 1, 256
     n_ctx = tirx.Var("n_ctx", "int32")
+    n = tirx.Var("T", "int32") if T is None else T
+    rows, heads = (T_.parallel, T_.serial) if T is None else (T_.serial, T_.parallel)
     i32, f64 = "int32", "float64"
 
-    def dot(q8, kc, layer, h, l):
+    def dot(q8, kc, layer, t, h, l):
         """q8[h] . k[l] as int32, products summed in even / odd lane pairs first: the pattern LLVM turns into
         vpmaddwd (int16 pairs -> int32) on x86."""
         ev, od = list(range(0, W, 2)), list(range(1, W, 2))
-        m = [tirx.Cast(f"int32x{W}", q8[0, tirx.Ramp(h * d + W * c, 1, W)])
+        m = [tirx.Cast(f"int32x{W}", q8[t, tirx.Ramp(h * d + W * c, 1, W)])
              * tirx.Cast(f"int32x{W}", kc[layer, l, h // rep, tirx.Ramp(W * c, 1, W)]) for c in range(d // W)]
         return _hsum(_sum([tirx.Shuffle([x], ev) + tirx.Shuffle([x], od) for x in m]), W // 2, i32)
 
-    def score(acc, g, r, l, qa16, sq, kf, ks, sc_m, sc_s):
+    def score(acc, t, g, r, l, qa16, sq, kf, ks, sc_m, sc_s):
         """intref's score; acc < 2^28, qa16 and kf < 2^16 + 1 and t1's first factor < 2^29 pass through int32,
         so LLVM multiplies them with one 32 x 32 -> 64 instruction (AVX2 has no 64-bit one)."""
         w = lambda v: tirx.Cast(I64, tirx.Cast(i32, v))      # noqa: E731
-        t1 = w(rshift_round(tirx.Cast(I64, acc[g, r, l]) * w(qa16), q_bits)) * w(kf[g, l])
-        return rshift_round_lanes(t1 * sc_m, sc_s - _c(q_bits) - sq - ks[g, l])
+        t1 = w(rshift_round(tirx.Cast(I64, acc[t, g, r, l]) * w(qa16), q_bits)) * w(kf[t, g, l])
+        return rshift_round_lanes(t1 * sc_m, sc_s - _c(q_bits) - sq - ks[t, g, l])
 
-    def prob(e, g, l, tot, inv):
+    def prob(e, t, g, l, tot, inv):
         """round_div(e P, tot) for e < 2^27, tot < 2^51: quotient from float64, remainder in int64."""
-        n = tirx.Cast(I64, e[g, l]) * _c(2 * P) + tot
+        n = tirx.Cast(I64, e[t, g, l]) * _c(2 * P) + tot
         q0 = tirx.Cast(i32, tirx.floor(_i2f(n) * inv))
         r = n - tirx.Cast(I64, q0) * (tot * _c(2))
         return q0 + _sel(r >= tot * _c(2), i32) - _sel(r < _c(0), i32)
 
     @T_.prim_func
-    def attn(q8: T_.Buffer((1, HD), qdt), qa: T_.Buffer((1, H), I64), kc: T_.Buffer((NL, n_ctx, KVH, d), "int8"),
+    def attn(q8: T_.Buffer((n, HD), qdt), qa: T_.Buffer((n, H), I64), kc: T_.Buffer((NL, n_ctx, KVH, d), "int8"),
              ka: T_.Buffer((NL, n_ctx, KVH), I64), vc: T_.Buffer((NL, n_ctx, KVH, d), "int8"),
              om: T_.Buffer((HD,), I64), osh: T_.Buffer((HD,), I64), layer: T_.int32, pos: T_.int32,
-             sc_m: T_.int64, sc_s: T_.int64, out8: T_.Buffer((1, HD), "int8"), amax: T_.Buffer((1, 1), I64)):
+             sc_m: T_.int64, sc_s: T_.int64, out8: T_.Buffer((n, HD), "int8"), amax: T_.Buffer((n, 1), I64)):
         T_.func_attr({"tir.noalias": True})
-        acc = T_.alloc_buffer((KVH, rep, n_ctx + V), i32)    # per KV head: q . k of its query heads
-        kf = T_.alloc_buffer((KVH, n_ctx + V), I64)          # key amax kept to 16 bits, and its shift
-        ks = T_.alloc_buffer((KVH, n_ctx + V), I64)
-        sc = T_.alloc_buffer((KVH, n_ctx + V), I64)
-        e = T_.alloc_buffer((KVH, n_ctx + V), i32)
-        p32 = T_.alloc_buffer((KVH, n_ctx + V), i32)
-        pv = T_.alloc_buffer((KVH, d), i32)
-        o = T_.alloc_buffer((HD,), I64)
-        red = T_.alloc_buffer((KVH, V), I64)
-        st = T_.alloc_buffer((KVH, 4), I64)                  # sq, qa16, row max, row total
-        inv = T_.alloc_buffer((KVH,), f64)
-        for g in T_.parallel(KVH):
-            for l in range(pos + 1):
-                for r in T_.unroll(rep):
-                    acc[g, r, l] = dot(q8, kc, layer, g * rep + r, l)
-            for l in range(pos + 1, (pos + V) // V * V):
-                for r in T_.unroll(rep):
-                    acc[g, r, l] = 0
-            for b in range((pos + V) // V):
-                for j in T_.vectorized(V):
-                    ks[g, b * V + j] = T_.max(bitlen(ka[layer, T_.min(b * V + j, pos), g]) - T_.int64(16), T_.int64(0))
-                    kf[g, b * V + j] = rshift_round_lanes(ka[layer, T_.min(b * V + j, pos), g], ks[g, b * V + j])
-            for r in range(rep):
-                st[g, 0] = T_.max(bitlen(qa[0, g * rep + r]) - T_.int64(16), T_.int64(0))
-                st[g, 1] = rshift_round_lanes(qa[0, g * rep + r], st[g, 0])
-                for j in T_.vectorized(V):
-                    red[g, j] = T_.int64(-(1 << 62))
-                for b in range((pos + V) // V):
+        acc = T_.alloc_buffer((n, KVH, rep, n_ctx + V), i32)    # per KV head: q . k of its query heads
+        kf = T_.alloc_buffer((n, KVH, n_ctx + V), I64)          # key amax kept to 16 bits, and its shift
+        ks = T_.alloc_buffer((n, KVH, n_ctx + V), I64)
+        sc = T_.alloc_buffer((n, KVH, n_ctx + V), I64)
+        e = T_.alloc_buffer((n, KVH, n_ctx + V), i32)
+        p32 = T_.alloc_buffer((n, KVH, n_ctx + V), i32)
+        pv = T_.alloc_buffer((n, KVH, d), i32)
+        o = T_.alloc_buffer((n, HD), I64)
+        red = T_.alloc_buffer((n, KVH, V), I64)
+        st = T_.alloc_buffer((n, KVH, 4), I64)                  # sq, qa16, row max, row total
+        inv = T_.alloc_buffer((n, KVH), f64)
+        for t in rows(n):
+            for g in heads(KVH):
+                for l in range(pos + t + 1):
+                    for r in T_.unroll(rep):
+                        acc[t, g, r, l] = dot(q8, kc, layer, t, g * rep + r, l)
+                for l in range(pos + t + 1, (pos + t + V) // V * V):
+                    for r in T_.unroll(rep):
+                        acc[t, g, r, l] = 0
+                for b in range((pos + t + V) // V):
                     for j in T_.vectorized(V):
-                        sc[g, b * V + j] = score(acc, g, r, b * V + j, st[g, 1], st[g, 0], kf, ks, sc_m, sc_s)
-                        red[g, j] = T_.max(red[g, j], T_.Select(b * V + j <= pos, sc[g, b * V + j],
-                                                                T_.int64(-(1 << 62))))
-                st[g, 2] = red[g, 0]
-                for j in range(1, V):
-                    st[g, 2] = T_.max(st[g, 2], red[g, j])
-                for j in T_.vectorized(V):
-                    red[g, j] = T_.int64(0)
-                for b in range((pos + V) // V):
+                        ks[t, g, b * V + j] = T_.max(bitlen(ka[layer, T_.min(b * V + j, pos + t), g]) - T_.int64(16),
+                                                     T_.int64(0))
+                        kf[t, g, b * V + j] = rshift_round_lanes(ka[layer, T_.min(b * V + j, pos + t), g],
+                                                                 ks[t, g, b * V + j])
+                for r in range(rep):
+                    st[t, g, 0] = T_.max(bitlen(qa[t, g * rep + r]) - T_.int64(16), T_.int64(0))
+                    st[t, g, 1] = rshift_round_lanes(qa[t, g * rep + r], st[t, g, 0])
                     for j in T_.vectorized(V):
-                        e[g, b * V + j] = T_.Select(b * V + j <= pos, int_exp_lanes(
-                            T_.Cast(i32, T_.min(st[g, 2] - sc[g, b * V + j], T_.int64(60 * q_ln2))), T_.int32(q_ln2),
-                            T_.float32(1.0 / q_ln2), T_.int32(q_b), T_.int32(q_c)), T_.int32(0))
-                        red[g, j] = red[g, j] + T_.Cast(I64, e[g, b * V + j])
-                st[g, 3] = red[g, 0]
-                for j in range(1, V):
-                    st[g, 3] = st[g, 3] + red[g, j]
-                inv[g] = T_.float64(1) / T_.Cast(f64, st[g, 3] * T_.int64(2))
-                if st[g, 3] < T_.int64(1 << 51):
-                    for b in range((pos + V) // V):
+                        red[t, g, j] = T_.int64(-(1 << 62))
+                    for b in range((pos + t + V) // V):
                         for j in T_.vectorized(V):
-                            p32[g, b * V + j] = prob(e, g, b * V + j, st[g, 3], inv[g])
-                else:
-                    for l in range(pos + 1):
-                        p32[g, l] = T_.Cast(i32, round_div(T_.Cast(I64, e[g, l]) * T_.int64(P), st[g, 3]))
-                for c in T_.vectorized(d):
-                    o[(g * rep + r) * d + c] = T_.int64(0)
-                for lb in range((pos + BL) // BL):
+                            sc[t, g, b * V + j] = score(acc, t, g, r, b * V + j, st[t, g, 1], st[t, g, 0], kf, ks,
+                                                        sc_m, sc_s)
+                            red[t, g, j] = T_.max(red[t, g, j], T_.Select(b * V + j <= pos + t, sc[t, g, b * V + j],
+                                                                          T_.int64(-(1 << 62))))
+                    st[t, g, 2] = red[t, g, 0]
+                    for j in range(1, V):
+                        st[t, g, 2] = T_.max(st[t, g, 2], red[t, g, j])
+                    for j in T_.vectorized(V):
+                        red[t, g, j] = T_.int64(0)
+                    for b in range((pos + t + V) // V):
+                        for j in T_.vectorized(V):
+                            e[t, g, b * V + j] = T_.Select(b * V + j <= pos + t, int_exp_lanes(
+                                T_.Cast(i32, T_.min(st[t, g, 2] - sc[t, g, b * V + j], T_.int64(60 * q_ln2))),
+                                T_.int32(q_ln2), T_.float32(1.0 / q_ln2), T_.int32(q_b), T_.int32(q_c)), T_.int32(0))
+                            red[t, g, j] = red[t, g, j] + T_.Cast(I64, e[t, g, b * V + j])
+                    st[t, g, 3] = red[t, g, 0]
+                    for j in range(1, V):
+                        st[t, g, 3] = st[t, g, 3] + red[t, g, j]
+                    inv[t, g] = T_.float64(1) / T_.Cast(f64, st[t, g, 3] * T_.int64(2))
+                    if st[t, g, 3] < T_.int64(1 << 51):
+                        for b in range((pos + t + V) // V):
+                            for j in T_.vectorized(V):
+                                p32[t, g, b * V + j] = prob(e, t, g, b * V + j, st[t, g, 3], inv[t, g])
+                    else:
+                        for l in range(pos + t + 1):
+                            p32[t, g, l] = T_.Cast(i32, round_div(T_.Cast(I64, e[t, g, l]) * T_.int64(P), st[t, g, 3]))
                     for c in T_.vectorized(d):
-                        pv[g, c] = 0
-                    for l in T_.serial(lb * BL, T_.min(pos + 1, lb * BL + BL)):
+                        o[t, (g * rep + r) * d + c] = T_.int64(0)
+                    for lb in range((pos + t + BL) // BL):
                         for c in T_.vectorized(d):
-                            pv[g, c] = pv[g, c] + p32[g, l] * T_.Cast(i32, vc[layer, l, g, c])
-                    for c in T_.vectorized(d):
-                        o[(g * rep + r) * d + c] = o[(g * rep + r) * d + c] + T_.Cast(I64, pv[g, c])
-        for j in T_.vectorized(V):
-            red[0, j] = T_.int64(0)
-        for b in range(HD // V):
+                            pv[t, g, c] = 0
+                        for l in T_.serial(lb * BL, T_.min(pos + t + 1, lb * BL + BL)):
+                            for c in T_.vectorized(d):
+                                pv[t, g, c] = pv[t, g, c] + p32[t, g, l] * T_.Cast(i32, vc[layer, l, g, c])
+                        for c in T_.vectorized(d):
+                            o[t, (g * rep + r) * d + c] = o[t, (g * rep + r) * d + c] + T_.Cast(I64, pv[t, g, c])
             for j in T_.vectorized(V):
-                o[b * V + j] = rshift_round_lanes(o[b * V + j] * om[b * V + j], osh[b * V + j])
-                red[0, j] = T_.max(red[0, j], T_.abs(o[b * V + j]))
-        st[0, 3] = red[0, 0]
-        for j in range(1, V):
-            st[0, 3] = T_.max(st[0, 3], red[0, j])
-        amax[0, 0] = st[0, 3]
-        st[0, 3] = T_.max(st[0, 3], T_.int64(1))
-        if st[0, 3] < T_.int64(quant_lanes_max()):
+                red[t, 0, j] = T_.int64(0)
             for b in range(HD // V):
                 for j in T_.vectorized(V):
-                    out8[0, b * V + j] = T_.Cast("int8", quant_lanes(o[b * V + j], st[0, 3]))
-        else:
-            for i in range(HD):
-                out8[0, i] = T_.Cast("int8", round_div(T_.int64(127) * o[i], st[0, 3]))
+                    o[t, b * V + j] = rshift_round_lanes(o[t, b * V + j] * om[b * V + j], osh[b * V + j])
+                    red[t, 0, j] = T_.max(red[t, 0, j], T_.abs(o[t, b * V + j]))
+            st[t, 0, 3] = red[t, 0, 0]
+            for j in range(1, V):
+                st[t, 0, 3] = T_.max(st[t, 0, 3], red[t, 0, j])
+            amax[t, 0] = st[t, 0, 3]
+            st[t, 0, 3] = T_.max(st[t, 0, 3], T_.int64(1))
+            if st[t, 0, 3] < T_.int64(quant_lanes_max()):
+                for b in range(HD // V):
+                    for j in T_.vectorized(V):
+                        out8[t, b * V + j] = T_.Cast("int8", quant_lanes(o[t, b * V + j], st[t, 0, 3]))
+            else:
+                for i in range(HD):
+                    out8[t, i] = T_.Cast("int8", round_div(T_.int64(127) * o[t, i], st[t, 0, 3]))
     return attn
 
 
@@ -1045,8 +1052,8 @@ def build_int_module(cfg: ModelConfig, qc: QuantConfig, tvm_target=None):
         funcs.update({names["norm_quant"]: norm_quant_kernel(cfg.dim, False),
                       names["res_norm_quant"]: norm_quant_kernel(cfg.dim, True),
                       names["qkv_post"]: qkv_post_kernel(cfg, qc.q_bits),
-                      names["attention_q8"]: attention_rows_kernel(cfg, qc.prob_bits, qc.q_bits),
-                      names["attention_q8_t1"]: attention_decode_kernel(cfg, qc.prob_bits, qc.q_bits),
+                      names["attention_q8"]: attention_lanes_kernel(cfg, qc.prob_bits, qc.q_bits),
+                      names["attention_q8_t1"]: attention_lanes_kernel(cfg, qc.prob_bits, qc.q_bits, 1),
                       names["silu_quant"]: silu_quant_kernel(cfg.ffn_dim),
                       names["silu_quant_t1"]: silu_quant_kernel(cfg.ffn_dim, 1)})
         g = {4: qc.group_size, 8: None}
