@@ -410,7 +410,7 @@ def _w4_lanes(k: Isa, rows: int, cols: int, n, native: bool, T):
     from .tvm_int import rshift_round
     R, N = (DECODE_ROWS, 1) if T == 1 else LANE_TILE
     nb, G = cols // LANE_COLS, cols // 32
-    c0, tail = 4 * nb, cols // 64 - 4 * nb
+    tail = cols // 64 - 4 * nb
     o0 = nb * LANE_COLS
 
     def tile(xd, xg, xt, sc, wq, j0, t0, nt: int):
@@ -598,7 +598,8 @@ def int_matmul_func(rows: int, cols: int, w_bits: int, group_size: int | None, t
     return w4
 
 
-def pack_for_kernel(t: dict, name: str, qc: QuantConfig, tvm_target=None, isa: str | None = None) -> tuple[np.ndarray, ...]:
+def pack_for_kernel(t: dict, name: str, qc: QuantConfig, tvm_target=None,
+                    isa: str | None = None) -> tuple[np.ndarray, ...]:
     """The weight arrays of linear `name` of a QuantizedModel's tensors for the kernel int_matmul_func builds
     for `tvm_target` (default: this machine) and `isa`: (w8,) or (wq, scale, rowf), wq in the lane layout
     where that kernel reads it (edgellm.runtime.tvm_int_backend: the device packs them at load time)."""

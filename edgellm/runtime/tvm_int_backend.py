@@ -96,7 +96,8 @@ def int_kernel_names(cfg: ModelConfig, qc: QuantConfig) -> dict:
     if fast_path(cfg, qc):
         mm = {(r, c, b, T): f"int_mm_w{b}_{r}x{c}{'_t1' if T else ''}" for r, c, b in matmul_shapes(cfg, qc)
               for T in (1, None)}
-        return {**base, "fast": True, "mm": dict(sorted(mm.items(), key=lambda kv: kv[1])), "w4_layout": "int_w4_layout",
+        return {**base, "fast": True, "mm": dict(sorted(mm.items(), key=lambda kv: kv[1])),
+                "w4_layout": "int_w4_layout",
                 "norm_quant": f"int_norm_quant_{cfg.dim}", "res_norm_quant": f"int_res_norm_quant_{cfg.dim}",
                 "qkv_post": f"int_qkv_post_kv_{qd}_{kvd}", "attention_q8": "int_attention_q8",
                 "attention_q8_t1": "int_attention_q8_t1",
