@@ -159,11 +159,12 @@ def test_bit_identical_to_integer_reference(tvm, isa):
 
 @pytest.mark.parametrize("T", [32, 33])
 def test_prefill_token_blocks(tvm, T):
-    """The prefill kernel computes a tile of tokens per weight row together (LANE_TILE's on x86 with 32-column
+    """The prefill kernel computes a tile of tokens per weight row together (LANE_TOKENS on x86 with 32-column
     groups, else PREFILL_TOKENS), the rest one by one: full tiles and an odd remainder == the reference."""
-    from edgellm.compiler.tvm_int_matmul import LANE_TILE, PREFILL_TOKENS, int_matmul_func, lane_layout, pack_for_kernel
+    from edgellm.compiler.tvm_int_matmul import (LANE_TOKENS, PREFILL_TOKENS, int_matmul_func, lane_layout,
+                                                 pack_for_kernel)
     target = TARGETS["avx2" if host_has("avx2") else "generic"]
-    tokens = LANE_TILE[1] if lane_layout(24, 384, 4, 32, target) else PREFILL_TOKENS
+    tokens = LANE_TOKENS if lane_layout(24, 384, 4, 32, target) else PREFILL_TOKENS
     assert tokens > 1 and T % tokens == (0 if T == 32 else 1)
     t, qc = quantized("w4g32", 24, 384, 40)
     x8 = np.random.default_rng(41).integers(-127, 128, (T, 384)).astype(np.int8)

@@ -704,8 +704,8 @@ def attention_lanes_kernel(cfg: ModelConfig, prob_bits: int, q_bits: int = 8, T:
     key's 16-bit amax factor once per position; then per query head LANES positions at a time: scores in int64
     lanes, the I-BERT exp in int32 lanes (int_exp_lanes), the softmax division in float64 lanes with an exact
     int64 remainder, and P @ V in int32 blocks of 256 positions (p < 2^16, |v| <= 127) widened to int64.
-    Scratch is laid out per row and KV head. Prefill (symbolic T): rows split over threads (2.1x faster than
-    attention_rows_kernel's scalar loop at a 64-token prompt); T = 1 (decode): KV heads split over threads
+    Scratch is laid out per row and KV head. Prefill (symbolic T): rows split over threads (2.1x faster than the
+    scalar row loop it replaced, at a 64-token prompt); T = 1 (decode): KV heads split over threads
     (0.78 -> 0.58 ms per token at 64-192 positions on the 2-core host, interleaved)."""
     from tvm import tirx
     from tvm.script import tirx as T_
@@ -714,7 +714,7 @@ def attention_lanes_kernel(cfg: ModelConfig, prob_bits: int, q_bits: int = 8, T:
     H, KVH, d, rep, NL = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.n_rep, cfg.n_layers
     HD, V, W = H * d, LANES, 16
     if d % W or HD % V:
-        return attention_rows_kernel(cfg, prob_bits, q_bits, T)
+        return attention_kernel(cfg, prob_bits, q_bits, quant=True)
     q_ln2, q_b, q_c, _ = exp_consts(SCORE_F)
     qdt, P, BL = "int8" if q_bits == 8 else "int16", (1 << prob_bits) - 1, 256
     n_ctx = tirx.Var("n_ctx", "int32")
@@ -836,87 +836,6 @@ def attention_lanes_kernel(cfg: ModelConfig, prob_bits: int, q_bits: int = 8, T:
             else:
                 for i in range(HD):
                     out8[t, i] = T_.Cast("int8", round_div(T_.int64(127) * o[t, i], st[t, 0, 3]))
-    return attn
-
-
-def attention_rows_kernel(cfg: ModelConfig, prob_bits: int, q_bits: int = 8, T: int | None = None):
-    """attention_kernel(quant=True), same arguments and bits, as one loop nest per query row: heads in turn, each
-    row of scores, softmax, then P @ V in int32 blocks of 256 positions (p < 2^16, |v| <= 127: a block sum stays
-    below 2^31) widened to int64, every division by a row's total a float64 multiply (round_div_by). Rows split
-    over threads (prefill); T = 1 (decode) runs serially, as a parallel loop's thread wake-up costs more than
-    the work at a short context."""
-    from tvm import te, tirx
-    from tvm.script import tirx as T_
-    from .tvm_int_matmul import _hsum, _sum, _tvm as _matmul_tvm
-    _matmul_tvm()                                   # binds the vector helpers' tirx
-    H, KVH, d, rep, NL = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.n_rep, cfg.n_layers
-    HD, W = H * d, 16
-    if d % W:
-        return attention_kernel(cfg, prob_bits, q_bits, quant=True)
-    q_ln2, q_b, q_c, _ = exp_consts(SCORE_F)
-    qdt, P, BL = "int8" if q_bits == 8 else "int16", (1 << prob_bits) - 1, 256
-    n_ctx = tirx.Var("n_ctx", "int32")
-    n = tirx.Var("T", "int32") if T is None else T
-    rows = T_.parallel if T is None else T_.serial
-
-    def dot(q8, kc, layer, t, h, l):
-        return _hsum(_sum([tirx.Cast(f"int32x{W}", q8[t, tirx.Ramp(h * d + W * c, 1, W)])
-                           * tirx.Cast(f"int32x{W}", kc[layer, l, h // rep, tirx.Ramp(W * c, 1, W)])
-                           for c in range(d // W)]), W, "int32")
-
-    def score(acc, qa, ka, layer, t, h, l, sc_m, sc_s):
-        a = ka[layer, l, h // rep]
-        sq = te.max(bitlen(qa[t, h]) - _c(16), _c(0))
-        sk = te.max(bitlen(a) - _c(16), _c(0))
-        t1 = rshift_round(acc * rshift_round(qa[t, h], sq), q_bits) * rshift_round(a, sk)
-        return rshift_round(t1 * sc_m, sc_s - _c(q_bits) - sq - sk)
-
-    @T_.prim_func
-    def attn(q8: T_.Buffer((n, HD), qdt), qa: T_.Buffer((n, H), I64), kc: T_.Buffer((NL, n_ctx, KVH, d), "int8"),
-             ka: T_.Buffer((NL, n_ctx, KVH), I64), vc: T_.Buffer((NL, n_ctx, KVH, d), "int8"),
-             om: T_.Buffer((HD,), I64), osh: T_.Buffer((HD,), I64), layer: T_.int32, pos: T_.int32,
-             sc_m: T_.int64, sc_s: T_.int64, out8: T_.Buffer((n, HD), "int8"), amax: T_.Buffer((n, 1), I64)):
-        T_.func_attr({"tir.noalias": True})
-        sc = T_.alloc_buffer((n, n_ctx), I64)
-        p32 = T_.alloc_buffer((n, n_ctx), "int32")
-        pv = T_.alloc_buffer((n, d), "int32")
-        o = T_.alloc_buffer((n, HD), I64)
-        st = T_.alloc_buffer((n, 2), I64)             # row max, then row total / output amax
-        inv = T_.alloc_buffer((n,), "float64")
-        for t in rows(n):
-            for h in range(H):
-                for l in range(pos + t + 1):
-                    sc[t, l] = T_.Cast(I64, dot(q8, kc, layer, t, h, l))     # stored first: score() uses it twice
-                    sc[t, l] = score(sc[t, l], qa, ka, layer, t, h, l, sc_m, sc_s)
-                st[t, 0] = sc[t, 0]
-                for l in range(pos + t + 1):
-                    st[t, 0] = T_.max(st[t, 0], sc[t, l])
-                st[t, 1] = T_.int64(0)
-                for l in range(pos + t + 1):
-                    sc[t, l] = int_exp(sc[t, l] - st[t, 0], q_ln2, q_b, q_c)
-                    st[t, 1] = st[t, 1] + sc[t, l]
-                inv[t] = T_.float64(1) / T_.Cast("float64", st[t, 1] * T_.int64(2))
-                for l in range(pos + t + 1):
-                    p32[t, l] = T_.Cast("int32", round_div_by(sc[t, l] * T_.int64(P), st[t, 1], inv[t]))
-                for c in T_.vectorized(d):
-                    o[t, h * d + c] = T_.int64(0)
-                for lb in range((pos + t + BL) // BL):
-                    for c in T_.vectorized(d):
-                        pv[t, c] = 0
-                    for l in T_.serial(lb * BL, T_.min(pos + t + 1, lb * BL + BL)):
-                        for c in T_.vectorized(d):
-                            pv[t, c] = pv[t, c] + p32[t, l] * T_.Cast("int32", vc[layer, l, h // rep, c])
-                    for c in T_.vectorized(d):
-                        o[t, h * d + c] = o[t, h * d + c] + T_.Cast(I64, pv[t, c])
-            st[t, 1] = T_.int64(0)
-            for i in range(HD):
-                o[t, i] = rshift_round(o[t, i] * om[i], osh[i])
-                st[t, 1] = T_.max(st[t, 1], T_.abs(o[t, i]))
-            amax[t, 0] = st[t, 1]
-            st[t, 1] = T_.max(st[t, 1], T_.int64(1))
-            inv[t] = T_.float64(1) / T_.Cast("float64", st[t, 1] * T_.int64(2))
-            for i in range(HD):
-                out8[t, i] = T_.Cast("int8", round_div_by(T_.int64(127) * o[t, i], st[t, 1], inv[t]))
     return attn
 
 

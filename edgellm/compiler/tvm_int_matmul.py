@@ -7,7 +7,7 @@ column, value code - 8) and the fp16 group scales as stored (2 bytes per group),
 W_int[j, k] = (code - 8) * scale[j, k//g] * 2^-base[j]. On x86 with 32-column groups the device lays the
 codes out once at load time in the "lane layout" (edgellm.runtime.tvm_int_backend.to_lane_layout, chosen by
 lane_layout and reported by the library), so the 4 steps of a 256-column block add up lane by lane: int32 lane
-k = group k, no horizontal adds (_w4_lanes). Prefill computes a tile of LANE_TILE tokens per weight row (each
+k = group k, no horizontal adds (_w4_lanes). Prefill computes LANE_TOKENS tokens per weight row (each
 code vector unpacked once for all of them: a small GEMM), decode one row per expression; the per-token part
 of the requant is computed once per call and the rest runs in int64 vectors over ROW_BLOCK rows. Against the
 horizontal-add kernel this replaced (interleaved, one process, AVX2 host): prefill matmuls 1.6x (T=64, 2
@@ -194,6 +194,14 @@ def _w4_raw(isa: Isa, wq, xd, j, t, c):
     return _intrin(f"int32x{lanes}", name, _intrin(f"int32x{lanes}", name, _splat(0, "int32", lanes), lo, xe), hi, xo)
 
 
+def _widen(isa: Isa, raw):
+    """_w4_raw's lanes as int32 lanes of 8 columns: avx2's int16 pairs summed by vpmaddwd (VNNI and sdot are
+    int32 already)."""
+    if isa.name != "avx2":
+        return raw
+    return _intrin("int32x8", "llvm.x86.avx2.pmadd.wd", raw, _splat(1, "int16", 16))
+
+
 def _w4_step(isa: Isa, wq, xd, xc, j, t, c):
     """int32 lanes of w4 step c (chunk4 columns): lane l = sum of (code - 8) * x over 8 columns
     (generic: 4 lanes of 8 columns each, in its own order). |lane| <= 8 * 8 * 127."""
@@ -204,10 +212,7 @@ def _w4_step(isa: Isa, wq, xd, xc, j, t, c):
         e = _i16(lo - eight, nb) * _i16(xe, nb) + _i16(hi - eight, nb) * _i16(xo, nb)
         return _fold(tir.Cast(f"int32x{nb}", e), nb, 4)
     lanes = nb // 4
-    d = _w4_raw(isa, wq, xd, j, t, c)
-    if isa.name == "avx2":
-        d = _intrin(f"int32x{lanes}", "llvm.x86.avx2.pmadd.wd", d, _splat(1, "int16", 16))
-    return d - _load(xc, t, c * lanes, lanes)
+    return _widen(isa, _w4_raw(isa, wq, xd, j, t, c)) - _load(xc, t, c * lanes, lanes)
 
 
 def _w8_step(isa: Isa, w, x8, j, t, c):
@@ -333,10 +338,9 @@ def _block_cols(cols: int, unit: int, limit: int) -> int:
 # ---------------------------------------------------------------- lane layout (x86, 32-column groups)
 
 LANE_COLS = 256         # columns of a lane block: 8 groups of 32, 4 steps of 64
-LANE_TILE = (1, 4)      # prefill: rows x tokens per expression, the codes unpacked once per tile (1 x 4 measured
-                        # best of 1-4 x 1-8 on the AVX2 host)
+LANE_TOKENS = 4         # prefill: tokens per expression, each code vector unpacked once for all of them (4 and 8
+                        # measured best; 2-4 rows per expression as well were slower: LLVM spills the x vectors)
 ROW_BLOCK = 16          # rows per parallel task (lane and w8 kernels): their requant runs in int64 vectors this wide
-DECODE_ROWS = 1         # decode: rows per expression (2 and 4 measured slower: LLVM spills the shared x vectors)
 
 
 def lane_layout(rows: int, cols: int, w_bits: int, group_size: int | None, tvm_target, isa: str | None = None) -> bool:
@@ -348,8 +352,7 @@ def lane_layout(rows: int, cols: int, w_bits: int, group_size: int | None, tvm_t
     if w_bits != 4:
         return False
     k = _check(rows, cols, w_bits, group_size, _ISA[isa or kernel_isa(tvm_target)])
-    return k.name in ("avx2", "avx512vnni") and group_size == 32 and rows % LANE_TILE[0] == 0 \
-        and rows % DECODE_ROWS == 0
+    return k.name in ("avx2", "avx512vnni") and group_size == 32
 
 
 def _lane_f64(v, s8):
@@ -363,17 +366,14 @@ def _lane_block(isa: Isa, wq, xd, xg, f64s, j, t, b: int):
     """float64x4 of lane block b of acc[t, j], lanes k and k + 4 = (group 8b + k's dot) * its fp16 scale, added.
     The unsigned-code dot of each step (avx2 int16 lanes <= 4 * 15 * 127, so 4 steps stay below 2^15; VNNI
     int32) summed over the block's 4 steps, minus the group's precomputed 8 * sum(x) (xg)."""
-    raw = _sum([_w4_raw(isa, wq, xd, j, t, 4 * b + s) for s in range(4)])
-    if isa.name == "avx2":
-        raw = _intrin("int32x8", "llvm.x86.avx2.pmadd.wd", raw, _splat(1, "int16", 16))
+    raw = _widen(isa, _sum([_w4_raw(isa, wq, xd, j, t, 4 * b + s) for s in range(4)]))
     return _lane_f64(raw - xg[t, tir.Ramp(8 * b, 1, 8)], f64s(j, b))
 
 
 def _lane_tail(isa: Isa, wq, xd, xt, scale, native: bool, j, t, c: int, c0: int):
     """float64x4 of step c (plain layout: lanes 0-3 group 2c, 4-7 group 2c + 1) past the last full lane block
     (step c0 on): int32 lanes of 8 columns minus their 8 * sum(x) (xt), times their group's scale."""
-    raw = _intrin("int32x8", "llvm.x86.avx2.pmadd.wd", _w4_raw(isa, wq, xd, j, t, c), _splat(1, "int16", 16)) \
-        if isa.name == "avx2" else _w4_raw(isa, wq, xd, j, t, c)
+    raw = _widen(isa, _w4_raw(isa, wq, xd, j, t, c))
     h = _f64(scale[j, tir.Ramp(2 * c, 1, 2)], 2, native)
     return _lane_f64(raw - xt[t, tir.Ramp(8 * (c - c0), 1, 8)], tir.Shuffle([h] * 4, [0, 2, 4, 6, 1, 3, 5, 7]))
 
@@ -395,30 +395,22 @@ def _byte_sum(x8, t, c0):
     return _hsum(_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", pairs, _splat(1, "int16", 16)), 8, "int32")
 
 
-def _tile_index(base, rows: int, R: int, N: int):
-    """Flat indices of acc[t0 + i, j0 + r] for r < R, i < N (row-major in r), base = t0 * rows + j0."""
-    if R * N == 1:
-        return base
-    return tir.Shuffle([tir.Ramp(base + r, rows, N) if N > 1 else base + r for r in range(R)], list(range(R * N)))
-
-
 def _w4_lanes(k: Isa, rows: int, cols: int, n, native: bool, T):
     """The w4 kernel over lane-layout codes (see int_matmul_func for the buffers): per token, x8 laid out to
-    match (xd), 8 * sum(x) per group (xg) and per 8 tail columns (xt); then tiles of R rows x N tokens, each
-    one expression whose code vectors LLVM loads and unpacks once for all N tokens."""
+    match (xd), 8 * sum(x) per group (xg) and per 8 tail columns (xt); then per row N tokens at a time, one
+    expression whose code vectors LLVM loads and unpacks once for all N."""
     from tvm.script import tirx as T_
     from .tvm_int import rshift_round
-    R, N = (DECODE_ROWS, 1) if T == 1 else LANE_TILE
+    N = 1 if T == 1 else LANE_TOKENS
     nb, G = cols // LANE_COLS, cols // 32
     tail = cols // 64 - 4 * nb
     o0 = nb * LANE_COLS
 
-    def tile(xd, xg, xt, sc, wq, j0, t0, nt: int):
-        return tir.Shuffle([_lane_row(k, cols, wq, xd, xg, xt, sc, j0 + r, t0 + i) for r in range(R)
-                            for i in range(nt)], list(range(R * nt))) if R * nt > 1 else \
-            _lane_row(k, cols, wq, xd, xg, xt, sc, j0, t0)
+    def tokens(xd, xg, xt, sc, wq, j, t0, nt: int):
+        rows_t = [_lane_row(k, cols, wq, xd, xg, xt, sc, j, t0 + i) for i in range(nt)]
+        return tir.Shuffle(rows_t, list(range(nt))) if nt > 1 else rows_t[0]
 
-    RB = _block_cols(rows, R, ROW_BLOCK)                  # rows per parallel task (a multiple of R)
+    RB = _block_cols(rows, 1, ROW_BLOCK)                  # rows per parallel task
 
     @T_.prim_func
     def w4(x8: T_.Buffer((n, cols), "int8"), wq: T_.Buffer((rows, cols // 2), "uint8"),
@@ -448,17 +440,16 @@ def _w4_lanes(k: Isa, rows: int, cols: int, n, native: bool, T):
             ta[t, 1] = _amax_drop(amax[t, 0])
             ta[t, 0] = rshift_round(amax[t, 0], ta[t, 1])
         for jb in T_.parallel(rows // RB):
-            for jr in range(RB // R):
-                for r, ln in T_.grid(R, _lines(cols // 2)):
-                    T_.evaluate(_prefetch(wq, jb * RB + jr * R + r, rows, cols // 2, ln))
-                for r, ln in T_.grid(R, _lines(G * 2)):
-                    T_.evaluate(_prefetch(scale, jb * RB + jr * R + r, rows, G * 2, ln, 2))
+            for jr in range(RB):
+                for ln in range(_lines(cols // 2)):
+                    T_.evaluate(_prefetch(wq, jb * RB + jr, rows, cols // 2, ln))
+                for ln in range(_lines(G * 2)):
+                    T_.evaluate(_prefetch(scale, jb * RB + jr, rows, G * 2, ln, 2))
                 for tb in range(n // N):
-                    flat[_tile_index(tb * N * rows + jb * RB + jr * R, rows, R, N)] = tile(
-                        xd, xg, xt, (scale, rowf, native), wq, jb * RB + jr * R, tb * N, N)
+                    flat[_span(tb * N * rows + jb * RB + jr, rows, N)] = tokens(
+                        xd, xg, xt, (scale, rowf, native), wq, jb * RB + jr, tb * N, N)
                 for t in range(n // N * N, n):
-                    flat[_tile_index(t * rows + jb * RB + jr * R, rows, R, 1)] = tile(
-                        xd, xg, xt, (scale, rowf, native), wq, jb * RB + jr * R, t, 1)
+                    acc[t, jb * RB + jr] = _lane_row(k, cols, wq, xd, xg, xt, (scale, rowf, native), jb * RB + jr, t)
             for t in range(n):
                 for jv in T_.vectorized(RB):
                     acc[t, jb * RB + jv] = _requant_lanes(acc[t, jb * RB + jv], ta, m, s, pre, t, jb * RB + jv)

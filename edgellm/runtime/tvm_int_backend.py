@@ -369,12 +369,12 @@ class TvmIntBackend(TvmBackend):
         if qc.act_block:                                                  # their per-block amax (act="block")
             self.amax_blocks = {K: int_buffer((self.chunk, K // qc.act_block), i64) for K in {D, qd, Fd}}
 
-    def _lane_kernels(self, names: dict) -> set[str]:
-        """The matmul kernels of the library that read w4 codes in the lane layout (it says which: the
-        compiler chose per target)."""
+    def _lane_shapes(self, names: dict) -> set[tuple]:
+        """(rows, cols) of the matmuls whose kernels read w4 codes in the lane layout (the library says which:
+        the compiler chose per target)."""
         flags = int_buffer((len(names["mm"]),), np.int32)
         self._fn(names["w4_layout"])(flags.t)
-        return {n for n, f in zip(names["mm"].values(), flags.np) if f}
+        return {key[:2] for key, f in zip(names["mm"], flags.np) if f}
 
     def _matmuls(self, mm: dict, names: list[str], consts: list, bits: list[int]) -> dict:
         """The fast matmul call(s) of linears sharing an input: one over their concatenated rows when their
@@ -386,7 +386,7 @@ class TvmIntBackend(TvmBackend):
             cs = [by_name[n] for n in ns]
             w = [self._codes[ns]]                           # codes read by _read_codes
             if b == 4:                                      # fp16 group scales as stored, and 2^-base per row
-                if self._names["mm"][(len(w[0].np), w[0].np.shape[1] * 2, 4, None)] in self._lanes:
+                if (len(w[0].np), w[0].np.shape[1] * 2) in self._lanes:
                     to_lane_layout(w[0].np)
                 rowf = np.concatenate([matmul_scale(t, n, qc) for n in ns])
                 w += [read_stacked(t, ns, ".scale")[0], int_buffer(rowf)]
@@ -406,7 +406,7 @@ class TvmIntBackend(TvmBackend):
         """Fused kernels: q|k|v and gate|up as one matmul each (requant fused), norms and quantizations fused."""
         c, qc, t = self.cfg, self.qc, self.qmodel.tensors
         mm = {key: self._fn(n) for key, n in names["mm"].items()}
-        self._names, self._lanes = names, self._lane_kernels(names)
+        self._lanes = self._lane_shapes(names)
         self.k = {key: self._fn(names[key]) for key in ("embed", "norm_quant", "res_norm_quant", "qkv_post",
                                                         "attention_q8", "silu_quant", "silu_quant_t1",
                                                         "attention_q8_t1")}
