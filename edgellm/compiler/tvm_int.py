@@ -402,21 +402,83 @@ def _vquant(v, vm, vsh, T, C: int, col0: int = 0):
                                                    _c(-127)).astype("int8"), name="v8")
 
 
-def qkv_post_kernel(cfg: ModelConfig, q_bits: int):
+def qkv_post_body(cfg: ModelConfig, q_bits: int, n, spmd: bool = False):
     """Fast path: the q|k|v matmul's output [T, qd + 2 kvd] -> RoPE + per-head int8 (int16) q; RoPE + per-head
     int8 k with its amax, and v at the cache's static int8 scale, written straight into the int8 KV cache of
     `layer` at rows pos .. pos + T - 1 (IntKVCache.update_int): everything between that matmul and the
     attention, one call. Per row: q|k roped into one buffer (they are adjacent heads), then each head's amax
-    and int8 codes in LANES-wide vector loops (quant_lanes) when the head width allows."""
-    from tvm import tirx
+    and int8 codes in LANES-wide vector loops (quant_lanes) when the head width allows. A T.macro over
+    rows n (see phases for spmd)."""
     from tvm.script import tirx as T_
-    H, KVH, d, NL, rd, neox = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.n_layers, cfg.rope_dim, cfg.rope_neox
+    from .tvm_int_matmul import phases
+    H, KVH, d, rd, neox = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.rope_dim, cfg.rope_neox
     qd, kvd, V = H * d, KVH * d, LANES
     qmax = (1 << (q_bits - 1)) - 1
     qdt = "int8" if q_bits == 8 else "int16"
+    V = V if d % V == 0 else 1
+    solo, bar = phases(spmd)
+
+    @T_.macro
+    def qkv(x, cos, sin, pos, vm, vsh, kc, kac, vc, layer, q8, qa):
+        r = T_.alloc_buffer((qd + kvd,), I64)
+        red = T_.alloc_buffer((V,), I64)
+        top = T_.alloc_buffer((H + KVH,), I64)           # each head's amax, at least 1
+        with T_.attr(0, bar, 1):
+            for w in solo(2):
+                if w == 0:
+                    for t in range(n):
+                        for i in range(qd + kvd):
+                            r[i] = _rope_at(x, t, i, d, rd, neox, cos, sin, pos)
+                        for hh in range(H + KVH):
+                            for j in T_.vectorized(V):
+                                red[j] = T_.int64(0)
+                            for b in range(d // V):
+                                for j in T_.vectorized(V):
+                                    red[j] = T_.max(red[j], T_.abs(r[hh * d + b * V + j]))
+                            top[hh] = red[0]
+                            for j in range(1, V):
+                                top[hh] = T_.max(top[hh], red[j])
+                        for h in range(H):
+                            qa[t, h] = top[h]
+                            top[h] = T_.max(top[h], T_.int64(1))
+                            if top[h] < T_.int64(quant_lanes_max(qmax)):
+                                for b in range(d // V):
+                                    for j in T_.vectorized(V):
+                                        q8[t, h * d + b * V + j] = T_.Cast(qdt, quant_lanes(r[h * d + b * V + j], top[h], qmax))
+                            else:
+                                for c in range(d):
+                                    q8[t, h * d + c] = T_.Cast(qdt, round_div(T_.int64(qmax) * r[h * d + c], top[h]))
+                        for g in range(KVH):
+                            kac[layer, pos + t, g] = top[H + g]
+                            top[H + g] = T_.max(top[H + g], T_.int64(1))
+                            if top[H + g] < T_.int64(quant_lanes_max()):
+                                for b in range(d // V):
+                                    for j in T_.vectorized(V):
+                                        kc[layer, pos + t, g, b * V + j] = T_.Cast("int8", quant_lanes(r[qd + g * d + b * V + j],
+                                                                                                       top[H + g]))
+                            else:
+                                for c in range(d):
+                                    kc[layer, pos + t, g, c] = T_.Cast("int8", round_div(T_.int64(127) * r[qd + g * d + c],
+                                                                                          top[H + g]))
+                        for g in range(KVH):
+                            for b in range(d // V):
+                                for j in T_.vectorized(V):
+                                    vc[layer, pos + t, g, b * V + j] = T_.Cast("int8", T_.max(T_.min(rshift_round_lanes(
+                                        x[t, qd + kvd + g * d + b * V + j] * vm[g * d + b * V + j], vsh[g * d + b * V + j]),
+                                        T_.int64(127)), T_.int64(-127)))
+    return qkv
+
+
+def qkv_post_kernel(cfg: ModelConfig, q_bits: int):
+    """qkv_post_body as a kernel of its own (T rows)."""
+    from tvm import tirx
+    from tvm.script import tirx as T_
+    H, KVH, d, NL, rd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.n_layers, cfg.rope_dim
+    qd, kvd = H * d, KVH * d
+    qdt = "int8" if q_bits == 8 else "int16"
     n = tirx.Var("T", "int32")
     n_ctx, n_rope = tirx.Var("n_ctx", "int32"), tirx.Var("n_rope", "int32")     # cache rows, table rows
-    V = V if d % V == 0 else 1
+    body = qkv_post_body(cfg, q_bits, n)
 
     @T_.prim_func
     def qkv(x: T_.Buffer((n, qd + 2 * kvd), I64), cos: T_.Buffer((n_rope, rd // 2), "int16"),
@@ -426,49 +488,7 @@ def qkv_post_kernel(cfg: ModelConfig, q_bits: int):
             q8: T_.Buffer((n, qd), qdt), qa: T_.Buffer((n, H), I64)):
         T_.func_attr({"tir.noalias": True})
         assert pos + n <= n_ctx, "qkv_post: rows past the KV cache"
-        r = T_.alloc_buffer((qd + kvd,), I64)
-        red = T_.alloc_buffer((V,), I64)
-        top = T_.alloc_buffer((H + KVH,), I64)           # each head's amax, at least 1
-        for t in range(n):
-            for i in range(qd + kvd):
-                r[i] = _rope_at(x, t, i, d, rd, neox, cos, sin, pos)
-            for hh in range(H + KVH):
-                for j in T_.vectorized(V):
-                    red[j] = T_.int64(0)
-                for b in range(d // V):
-                    for j in T_.vectorized(V):
-                        red[j] = T_.max(red[j], T_.abs(r[hh * d + b * V + j]))
-                top[hh] = red[0]
-                for j in range(1, V):
-                    top[hh] = T_.max(top[hh], red[j])
-            for h in range(H):
-                qa[t, h] = top[h]
-                top[h] = T_.max(top[h], T_.int64(1))
-                if top[h] < T_.int64(quant_lanes_max(qmax)):
-                    for b in range(d // V):
-                        for j in T_.vectorized(V):
-                            q8[t, h * d + b * V + j] = T_.Cast(qdt, quant_lanes(r[h * d + b * V + j], top[h], qmax))
-                else:
-                    for c in range(d):
-                        q8[t, h * d + c] = T_.Cast(qdt, round_div(T_.int64(qmax) * r[h * d + c], top[h]))
-            for g in range(KVH):
-                kac[layer, pos + t, g] = top[H + g]
-                top[H + g] = T_.max(top[H + g], T_.int64(1))
-                if top[H + g] < T_.int64(quant_lanes_max()):
-                    for b in range(d // V):
-                        for j in T_.vectorized(V):
-                            kc[layer, pos + t, g, b * V + j] = T_.Cast("int8", quant_lanes(r[qd + g * d + b * V + j],
-                                                                                           top[H + g]))
-                else:
-                    for c in range(d):
-                        kc[layer, pos + t, g, c] = T_.Cast("int8", round_div(T_.int64(127) * r[qd + g * d + c],
-                                                                              top[H + g]))
-            for g in range(KVH):
-                for b in range(d // V):
-                    for j in T_.vectorized(V):
-                        vc[layer, pos + t, g, b * V + j] = T_.Cast("int8", T_.max(T_.min(rshift_round_lanes(
-                            x[t, qd + kvd + g * d + b * V + j] * vm[g * d + b * V + j], vsh[g * d + b * V + j]),
-                            T_.int64(127)), T_.int64(-127)))
+        body(x, cos, sin, pos, vm, vsh, kc, kac, vc, layer, q8, qa)
     return qkv
 
 
@@ -623,81 +643,98 @@ def _floor_div_lanes(num, den, inv=None):
     return q0 + _sel(r >= den, f64) - _sel(r < tirx.const(0.0, f64), f64)
 
 
-def res_norm_quant_kernel(D: int):
+def res_norm_quant_body(D: int, n, spmd: bool = False):
     """norm_quant_kernel(D, residual=True) (same arguments: x, o, g, eps_q -> x + o clipped, int8, amax) in
     LANES-wide vector loops, rows in turn: the residual add, amax and sum of squares in int64 lanes, the
     integer square root per row (scalar Newton steps, as isqrt_stages), then round_div(x << NORM_F, rms << r)
     in float64 lanes with the exact remainder (x is clipped to int32, so every term stays below 2^47), times
-    gamma, and the int8 quantization (quant_lanes)."""
+    gamma, and the int8 quantization (quant_lanes). A T.macro over rows n (see phases for spmd)."""
     from tvm import tirx
     from tvm.script import tirx as T_
+    from .tvm_int_matmul import phases
     V, lim, f64 = LANES, (1 << 31) - 1, "float64"
     assert D % V == 0, D
-    n = tirx.Var("T", "int32")
+    solo, bar = phases(spmd)
 
     def y_lanes(xo, t, i, den, inv, g):                  # round_div(xo << NORM_F, den) * g
         a = _i2f(xo[t, i]) * tirx.const(2.0 ** (NORM_F + 1), f64) + tirx.Cast(f64, den)
         return _f2i(_floor_div_lanes(a, tirx.Cast(f64, den * _c(2)), inv)) * g[i]
 
-    @T_.prim_func
-    def res_norm(x: T_.Buffer((n, D), I64), o: T_.Buffer((n, D), I64), g: T_.Buffer((D,), I64), eps_q: T_.int64,
-                 xo: T_.Buffer((n, D), I64), q: T_.Buffer((n, D), "int8"), amax: T_.Buffer((n, 1), I64)):
-        T_.func_attr({"tir.noalias": True})
+    @T_.macro
+    def res_norm(x, o, g, eps_q, xo, q, amax):
         y = T_.alloc_buffer((D,), I64)
         red = T_.alloc_buffer((V,), I64)
         st = T_.alloc_buffer((4,), I64)                  # amax, then r; mean square; isqrt; divisor
         inv = T_.alloc_buffer((1,), f64)
-        for t in range(n):
-            for j in T_.vectorized(V):
-                red[j] = T_.int64(0)
-            for b in range(D // V):
-                for j in T_.vectorized(V):
-                    xo[t, b * V + j] = T_.max(T_.min(x[t, b * V + j] + o[t, b * V + j], T_.int64(lim)), T_.int64(-lim))
-                    red[j] = T_.max(red[j], T_.abs(xo[t, b * V + j]))
-            st[0] = red[0]
-            for j in range(1, V):
-                st[0] = T_.max(st[0], red[j])
-            st[0] = T_.max(bitlen(st[0]) - T_.int64(20), T_.int64(0))
-            for j in T_.vectorized(V):
-                red[j] = T_.int64(0)
-            for b in range(D // V):
-                for j in T_.vectorized(V):
-                    red[j] = red[j] + rshift_round_lanes(xo[t, b * V + j], st[0]) * rshift_round_lanes(
-                        xo[t, b * V + j], st[0])
-            st[1] = red[0]
-            for j in range(1, V):
-                st[1] = st[1] + red[j]
-            st[1] = T_.floordiv(st[1], T_.int64(D)) + (eps_q >> T_.min(st[0] * T_.int64(2), T_.int64(63)))
-            st[2] = T_.int64(1) << T_.floordiv(bitlen(st[1]) + T_.int64(1), T_.int64(2))
-            for k in range(NEWTON_STEPS):
-                st[2] = T_.min(st[2], (st[2] + T_.floordiv(st[1], T_.max(st[2], T_.int64(1)))) >> T_.int64(1))
-            st[2] = T_.Select(st[1] > T_.int64(0), st[2], T_.int64(0))
-            st[3] = T_.max(st[2], T_.int64(1)) << st[0]
-            inv[0] = T_.float64(1) / T_.Cast(f64, st[3] * T_.int64(2))
-            for b in range(D // V):
-                for j in T_.vectorized(V):
-                    y[b * V + j] = y_lanes(xo, t, b * V + j, st[3], inv[0], g)
-            for j in T_.vectorized(V):
-                red[j] = T_.int64(0)
-            for b in range(D // V):
-                for j in T_.vectorized(V):
-                    red[j] = T_.max(red[j], T_.abs(y[b * V + j]))
-            st[0] = red[0]
-            for j in range(1, V):
-                st[0] = T_.max(st[0], red[j])
-            amax[t, 0] = st[0]
-            st[0] = T_.max(st[0], T_.int64(1))
-            if st[0] < T_.int64(quant_lanes_max()):
-                for b in range(D // V):
-                    for j in T_.vectorized(V):
-                        q[t, b * V + j] = T_.Cast("int8", quant_lanes(y[b * V + j], st[0]))
-            else:
-                for i in range(D):
-                    q[t, i] = T_.Cast("int8", round_div(T_.int64(127) * y[i], st[0]))
+        with T_.attr(0, bar, 1):
+            for w in solo(2):
+                if w == 0:
+                    for t in range(n):
+                        for j in T_.vectorized(V):
+                            red[j] = T_.int64(0)
+                        for b in range(D // V):
+                            for j in T_.vectorized(V):
+                                xo[t, b * V + j] = T_.max(T_.min(x[t, b * V + j] + o[t, b * V + j], T_.int64(lim)), T_.int64(-lim))
+                                red[j] = T_.max(red[j], T_.abs(xo[t, b * V + j]))
+                        st[0] = red[0]
+                        for j in range(1, V):
+                            st[0] = T_.max(st[0], red[j])
+                        st[0] = T_.max(bitlen(st[0]) - T_.int64(20), T_.int64(0))
+                        for j in T_.vectorized(V):
+                            red[j] = T_.int64(0)
+                        for b in range(D // V):
+                            for j in T_.vectorized(V):
+                                red[j] = red[j] + rshift_round_lanes(xo[t, b * V + j], st[0]) * rshift_round_lanes(
+                                    xo[t, b * V + j], st[0])
+                        st[1] = red[0]
+                        for j in range(1, V):
+                            st[1] = st[1] + red[j]
+                        st[1] = T_.floordiv(st[1], T_.int64(D)) + (eps_q >> T_.min(st[0] * T_.int64(2), T_.int64(63)))
+                        st[2] = T_.int64(1) << T_.floordiv(bitlen(st[1]) + T_.int64(1), T_.int64(2))
+                        for k in range(NEWTON_STEPS):
+                            st[2] = T_.min(st[2], (st[2] + T_.floordiv(st[1], T_.max(st[2], T_.int64(1)))) >> T_.int64(1))
+                        st[2] = T_.Select(st[1] > T_.int64(0), st[2], T_.int64(0))
+                        st[3] = T_.max(st[2], T_.int64(1)) << st[0]
+                        inv[0] = T_.float64(1) / T_.Cast(f64, st[3] * T_.int64(2))
+                        for b in range(D // V):
+                            for j in T_.vectorized(V):
+                                y[b * V + j] = y_lanes(xo, t, b * V + j, st[3], inv[0], g)
+                        for j in T_.vectorized(V):
+                            red[j] = T_.int64(0)
+                        for b in range(D // V):
+                            for j in T_.vectorized(V):
+                                red[j] = T_.max(red[j], T_.abs(y[b * V + j]))
+                        st[0] = red[0]
+                        for j in range(1, V):
+                            st[0] = T_.max(st[0], red[j])
+                        amax[t, 0] = st[0]
+                        st[0] = T_.max(st[0], T_.int64(1))
+                        if st[0] < T_.int64(quant_lanes_max()):
+                            for b in range(D // V):
+                                for j in T_.vectorized(V):
+                                    q[t, b * V + j] = T_.Cast("int8", quant_lanes(y[b * V + j], st[0]))
+                        else:
+                            for i in range(D):
+                                q[t, i] = T_.Cast("int8", round_div(T_.int64(127) * y[i], st[0]))
     return res_norm
 
 
-def attention_lanes_kernel(cfg: ModelConfig, prob_bits: int, q_bits: int = 8, T: int | None = None):
+def res_norm_quant_kernel(D: int):
+    """res_norm_quant_body as a kernel of its own (T rows)."""
+    from tvm import tirx
+    from tvm.script import tirx as T_
+    n = tirx.Var("T", "int32")
+    body = res_norm_quant_body(D, n)
+
+    @T_.prim_func
+    def res_norm(x: T_.Buffer((n, D), I64), o: T_.Buffer((n, D), I64), g: T_.Buffer((D,), I64), eps_q: T_.int64,
+                 xo: T_.Buffer((n, D), I64), q: T_.Buffer((n, D), "int8"), amax: T_.Buffer((n, 1), I64)):
+        T_.func_attr({"tir.noalias": True})
+        body(x, o, g, eps_q, xo, q, amax)
+    return res_norm
+
+
+def attention_lanes_body(cfg: ModelConfig, prob_bits: int, q_bits: int, T: int | None, n, spmd: bool = False):
     """attention_kernel(quant=True), same arguments and bits, in vector lanes, one query row after another.
 
     Per KV head: the dot products of its n_rep query heads with each cached key (the key row read once), the
@@ -706,20 +743,22 @@ def attention_lanes_kernel(cfg: ModelConfig, prob_bits: int, q_bits: int = 8, T:
     int64 remainder, and P @ V in int32 blocks of 256 positions (p < 2^16, |v| <= 127) widened to int64.
     Scratch is laid out per row and KV head. Prefill (symbolic T): rows split over threads (2.1x faster than the
     scalar row loop it replaced, at a 64-token prompt); T = 1 (decode): KV heads split over threads
-    (0.78 -> 0.58 ms per token at 64-192 positions on the 2-core host, interleaved)."""
+    (0.78 -> 0.58 ms per token at 64-192 positions on the 2-core host, interleaved). A T.macro over rows n
+    (see phases for spmd: there the output of all heads is quantized by thread 0 after a barrier); o [n, HD]
+    int64 is scratch that every thread writes (its heads) and thread 0 reads. None where the head shape needs
+    the generic kernel."""
     from tvm import tirx
     from tvm.script import tirx as T_
-    from .tvm_int_matmul import _hsum, _sum, _tvm as _matmul_tvm
+    from .tvm_int_matmul import _hsum, _sum, phases, _tvm as _matmul_tvm
     _matmul_tvm()                                   # binds the vector helpers' tirx
-    H, KVH, d, rep, NL = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.n_rep, cfg.n_layers
+    H, KVH, d, rep = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.n_rep
     HD, V, W = H * d, LANES, 16
     if d % W or HD % V:
-        return attention_kernel(cfg, prob_bits, q_bits, quant=True)
+        return None
     q_ln2, q_b, q_c, _ = exp_consts(SCORE_F)
-    qdt, P, BL = "int8" if q_bits == 8 else "int16", (1 << prob_bits) - 1, 256
-    n_ctx = tirx.Var("n_ctx", "int32")
-    n = tirx.Var("T", "int32") if T is None else T
+    P, BL = (1 << prob_bits) - 1, 256
     rows, heads = (T_.parallel, T_.serial) if T is None else (T_.serial, T_.parallel)
+    solo, bar = phases(spmd)
     i32, f64 = "int32", "float64"
 
     def dot(q8, kc, layer, t, h, l):
@@ -744,12 +783,9 @@ def attention_lanes_kernel(cfg: ModelConfig, prob_bits: int, q_bits: int = 8, T:
         r = n - tirx.Cast(I64, q0) * (tot * _c(2))
         return q0 + _sel(r >= tot * _c(2), i32) - _sel(r < _c(0), i32)
 
-    @T_.prim_func
-    def attn(q8: T_.Buffer((n, HD), qdt), qa: T_.Buffer((n, H), I64), kc: T_.Buffer((NL, n_ctx, KVH, d), "int8"),
-             ka: T_.Buffer((NL, n_ctx, KVH), I64), vc: T_.Buffer((NL, n_ctx, KVH, d), "int8"),
-             om: T_.Buffer((HD,), I64), osh: T_.Buffer((HD,), I64), layer: T_.int32, pos: T_.int32,
-             sc_m: T_.int64, sc_s: T_.int64, out8: T_.Buffer((n, HD), "int8"), amax: T_.Buffer((n, 1), I64)):
-        T_.func_attr({"tir.noalias": True})
+    @T_.macro
+    def attn(q8, qa, kc, ka, vc, om, osh, layer, pos, sc_m, sc_s, out8, amax, o):
+        n_ctx = kc.shape[1]
         acc = T_.alloc_buffer((n, KVH, rep, n_ctx + V), i32)    # per KV head: q . k of its query heads
         kf = T_.alloc_buffer((n, KVH, n_ctx + V), I64)          # key amax kept to 16 bits, and its shift
         ks = T_.alloc_buffer((n, KVH, n_ctx + V), I64)
@@ -757,85 +793,112 @@ def attention_lanes_kernel(cfg: ModelConfig, prob_bits: int, q_bits: int = 8, T:
         e = T_.alloc_buffer((n, KVH, n_ctx + V), i32)
         p32 = T_.alloc_buffer((n, KVH, n_ctx + V), i32)
         pv = T_.alloc_buffer((n, KVH, d), i32)
-        o = T_.alloc_buffer((n, HD), I64)
         red = T_.alloc_buffer((n, KVH, V), I64)
         st = T_.alloc_buffer((n, KVH, 4), I64)                  # sq, qa16, row max, row total
         inv = T_.alloc_buffer((n, KVH), f64)
-        for t in rows(n):
-            for g in heads(KVH):
-                for l in range(pos + t + 1):
-                    for r in T_.unroll(rep):
-                        acc[t, g, r, l] = dot(q8, kc, layer, t, g * rep + r, l)
-                for l in range(pos + t + 1, (pos + t + V) // V * V):
-                    for r in T_.unroll(rep):
-                        acc[t, g, r, l] = 0
-                for b in range((pos + t + V) // V):
-                    for j in T_.vectorized(V):
-                        ks[t, g, b * V + j] = T_.max(bitlen(ka[layer, T_.min(b * V + j, pos + t), g]) - T_.int64(16),
-                                                     T_.int64(0))
-                        kf[t, g, b * V + j] = rshift_round_lanes(ka[layer, T_.min(b * V + j, pos + t), g],
-                                                                 ks[t, g, b * V + j])
-                for r in range(rep):
-                    st[t, g, 0] = T_.max(bitlen(qa[t, g * rep + r]) - T_.int64(16), T_.int64(0))
-                    st[t, g, 1] = rshift_round_lanes(qa[t, g * rep + r], st[t, g, 0])
-                    for j in T_.vectorized(V):
-                        red[t, g, j] = T_.int64(-(1 << 62))
-                    for b in range((pos + t + V) // V):
-                        for j in T_.vectorized(V):
-                            sc[t, g, b * V + j] = score(acc, t, g, r, b * V + j, st[t, g, 1], st[t, g, 0], kf, ks,
-                                                        sc_m, sc_s)
-                            red[t, g, j] = T_.max(red[t, g, j], T_.Select(b * V + j <= pos + t, sc[t, g, b * V + j],
-                                                                          T_.int64(-(1 << 62))))
-                    st[t, g, 2] = red[t, g, 0]
-                    for j in range(1, V):
-                        st[t, g, 2] = T_.max(st[t, g, 2], red[t, g, j])
-                    for j in T_.vectorized(V):
-                        red[t, g, j] = T_.int64(0)
-                    for b in range((pos + t + V) // V):
-                        for j in T_.vectorized(V):
-                            e[t, g, b * V + j] = T_.Select(b * V + j <= pos + t, int_exp_lanes(
-                                T_.Cast(i32, T_.min(st[t, g, 2] - sc[t, g, b * V + j], T_.int64(60 * q_ln2))),
-                                T_.int32(q_ln2), T_.float32(1.0 / q_ln2), T_.int32(q_b), T_.int32(q_c)), T_.int32(0))
-                            red[t, g, j] = red[t, g, j] + T_.Cast(I64, e[t, g, b * V + j])
-                    st[t, g, 3] = red[t, g, 0]
-                    for j in range(1, V):
-                        st[t, g, 3] = st[t, g, 3] + red[t, g, j]
-                    inv[t, g] = T_.float64(1) / T_.Cast(f64, st[t, g, 3] * T_.int64(2))
-                    if st[t, g, 3] < T_.int64(1 << 51):
+        with T_.attr(0, bar, 1):
+            for t in rows(n):
+                with T_.attr(0, bar, 1):
+                    for g in heads(KVH):
+                        for l in range(pos + t + 1):
+                            for r in T_.unroll(rep):
+                                acc[t, g, r, l] = dot(q8, kc, layer, t, g * rep + r, l)
+                        for l in range(pos + t + 1, (pos + t + V) // V * V):
+                            for r in T_.unroll(rep):
+                                acc[t, g, r, l] = 0
                         for b in range((pos + t + V) // V):
                             for j in T_.vectorized(V):
-                                p32[t, g, b * V + j] = prob(e, t, g, b * V + j, st[t, g, 3], inv[t, g])
-                    else:
-                        for l in range(pos + t + 1):
-                            p32[t, g, l] = T_.Cast(i32, round_div(T_.Cast(I64, e[t, g, l]) * T_.int64(P), st[t, g, 3]))
-                    for c in T_.vectorized(d):
-                        o[t, (g * rep + r) * d + c] = T_.int64(0)
-                    for lb in range((pos + t + BL) // BL):
-                        for c in T_.vectorized(d):
-                            pv[t, g, c] = 0
-                        for l in T_.serial(lb * BL, T_.min(pos + t + 1, lb * BL + BL)):
+                                ks[t, g, b * V + j] = T_.max(bitlen(ka[layer, T_.min(b * V + j, pos + t), g]) - T_.int64(16),
+                                                             T_.int64(0))
+                                kf[t, g, b * V + j] = rshift_round_lanes(ka[layer, T_.min(b * V + j, pos + t), g],
+                                                                         ks[t, g, b * V + j])
+                        for r in range(rep):
+                            st[t, g, 0] = T_.max(bitlen(qa[t, g * rep + r]) - T_.int64(16), T_.int64(0))
+                            st[t, g, 1] = rshift_round_lanes(qa[t, g * rep + r], st[t, g, 0])
+                            for j in T_.vectorized(V):
+                                red[t, g, j] = T_.int64(-(1 << 62))
+                            for b in range((pos + t + V) // V):
+                                for j in T_.vectorized(V):
+                                    sc[t, g, b * V + j] = score(acc, t, g, r, b * V + j, st[t, g, 1], st[t, g, 0], kf, ks,
+                                                                sc_m, sc_s)
+                                    red[t, g, j] = T_.max(red[t, g, j], T_.Select(b * V + j <= pos + t, sc[t, g, b * V + j],
+                                                                                  T_.int64(-(1 << 62))))
+                            st[t, g, 2] = red[t, g, 0]
+                            for j in range(1, V):
+                                st[t, g, 2] = T_.max(st[t, g, 2], red[t, g, j])
+                            for j in T_.vectorized(V):
+                                red[t, g, j] = T_.int64(0)
+                            for b in range((pos + t + V) // V):
+                                for j in T_.vectorized(V):
+                                    e[t, g, b * V + j] = T_.Select(b * V + j <= pos + t, int_exp_lanes(
+                                        T_.Cast(i32, T_.min(st[t, g, 2] - sc[t, g, b * V + j], T_.int64(60 * q_ln2))),
+                                        T_.int32(q_ln2), T_.float32(1.0 / q_ln2), T_.int32(q_b), T_.int32(q_c)), T_.int32(0))
+                                    red[t, g, j] = red[t, g, j] + T_.Cast(I64, e[t, g, b * V + j])
+                            st[t, g, 3] = red[t, g, 0]
+                            for j in range(1, V):
+                                st[t, g, 3] = st[t, g, 3] + red[t, g, j]
+                            inv[t, g] = T_.float64(1) / T_.Cast(f64, st[t, g, 3] * T_.int64(2))
+                            if st[t, g, 3] < T_.int64(1 << 51):
+                                for b in range((pos + t + V) // V):
+                                    for j in T_.vectorized(V):
+                                        p32[t, g, b * V + j] = prob(e, t, g, b * V + j, st[t, g, 3], inv[t, g])
+                            else:
+                                for l in range(pos + t + 1):
+                                    p32[t, g, l] = T_.Cast(i32, round_div(T_.Cast(I64, e[t, g, l]) * T_.int64(P), st[t, g, 3]))
                             for c in T_.vectorized(d):
-                                pv[t, g, c] = pv[t, g, c] + p32[t, g, l] * T_.Cast(i32, vc[layer, l, g, c])
-                        for c in T_.vectorized(d):
-                            o[t, (g * rep + r) * d + c] = o[t, (g * rep + r) * d + c] + T_.Cast(I64, pv[t, g, c])
-            for j in T_.vectorized(V):
-                red[t, 0, j] = T_.int64(0)
-            for b in range(HD // V):
-                for j in T_.vectorized(V):
-                    o[t, b * V + j] = rshift_round_lanes(o[t, b * V + j] * om[b * V + j], osh[b * V + j])
-                    red[t, 0, j] = T_.max(red[t, 0, j], T_.abs(o[t, b * V + j]))
-            st[t, 0, 3] = red[t, 0, 0]
-            for j in range(1, V):
-                st[t, 0, 3] = T_.max(st[t, 0, 3], red[t, 0, j])
-            amax[t, 0] = st[t, 0, 3]
-            st[t, 0, 3] = T_.max(st[t, 0, 3], T_.int64(1))
-            if st[t, 0, 3] < T_.int64(quant_lanes_max()):
-                for b in range(HD // V):
-                    for j in T_.vectorized(V):
-                        out8[t, b * V + j] = T_.Cast("int8", quant_lanes(o[t, b * V + j], st[t, 0, 3]))
-            else:
-                for i in range(HD):
-                    out8[t, i] = T_.Cast("int8", round_div(T_.int64(127) * o[t, i], st[t, 0, 3]))
+                                o[t, (g * rep + r) * d + c] = T_.int64(0)
+                            for lb in range((pos + t + BL) // BL):
+                                for c in T_.vectorized(d):
+                                    pv[t, g, c] = 0
+                                for l in T_.serial(lb * BL, T_.min(pos + t + 1, lb * BL + BL)):
+                                    for c in T_.vectorized(d):
+                                        pv[t, g, c] = pv[t, g, c] + p32[t, g, l] * T_.Cast(i32, vc[layer, l, g, c])
+                                for c in T_.vectorized(d):
+                                    o[t, (g * rep + r) * d + c] = o[t, (g * rep + r) * d + c] + T_.Cast(I64, pv[t, g, c])
+                for w in solo(2):
+                    if w == 0:
+                        for j in T_.vectorized(V):
+                            red[t, 0, j] = T_.int64(0)
+                        for b in range(HD // V):
+                            for j in T_.vectorized(V):
+                                o[t, b * V + j] = rshift_round_lanes(o[t, b * V + j] * om[b * V + j], osh[b * V + j])
+                                red[t, 0, j] = T_.max(red[t, 0, j], T_.abs(o[t, b * V + j]))
+                        st[t, 0, 3] = red[t, 0, 0]
+                        for j in range(1, V):
+                            st[t, 0, 3] = T_.max(st[t, 0, 3], red[t, 0, j])
+                        amax[t, 0] = st[t, 0, 3]
+                        st[t, 0, 3] = T_.max(st[t, 0, 3], T_.int64(1))
+                        if st[t, 0, 3] < T_.int64(quant_lanes_max()):
+                            for b in range(HD // V):
+                                for j in T_.vectorized(V):
+                                    out8[t, b * V + j] = T_.Cast("int8", quant_lanes(o[t, b * V + j], st[t, 0, 3]))
+                        else:
+                            for i in range(HD):
+                                out8[t, i] = T_.Cast("int8", round_div(T_.int64(127) * o[t, i], st[t, 0, 3]))
+    return attn
+
+
+def attention_lanes_kernel(cfg: ModelConfig, prob_bits: int, q_bits: int = 8, T: int | None = None):
+    """attention_lanes_body as a kernel of its own (attention_kernel's arguments)."""
+    from tvm import tirx
+    from tvm.script import tirx as T_
+    H, KVH, d, NL = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.n_layers
+    HD = H * d
+    qdt = "int8" if q_bits == 8 else "int16"
+    n_ctx = tirx.Var("n_ctx", "int32")
+    n = tirx.Var("T", "int32") if T is None else T
+    body = attention_lanes_body(cfg, prob_bits, q_bits, T, n)
+    if body is None:
+        return attention_kernel(cfg, prob_bits, q_bits, quant=True)
+
+    @T_.prim_func
+    def attn(q8: T_.Buffer((n, HD), qdt), qa: T_.Buffer((n, H), I64), kc: T_.Buffer((NL, n_ctx, KVH, d), "int8"),
+             ka: T_.Buffer((NL, n_ctx, KVH), I64), vc: T_.Buffer((NL, n_ctx, KVH, d), "int8"),
+             om: T_.Buffer((HD,), I64), osh: T_.Buffer((HD,), I64), layer: T_.int32, pos: T_.int32,
+             sc_m: T_.int64, sc_s: T_.int64, out8: T_.Buffer((n, HD), "int8"), amax: T_.Buffer((n, 1), I64)):
+        T_.func_attr({"tir.noalias": True})
+        o = T_.alloc_buffer((n, HD), I64)
+        body(q8, qa, kc, ka, vc, om, osh, layer, pos, sc_m, sc_s, out8, amax, o)
     return attn
 
 
@@ -886,44 +949,62 @@ def _silu_lanes(gu, t, i, F: int, fshift, q_ln2, q_b, q_c, one, shift_h):
     return rshift_round_lanes(rshift_round(g * tirx.Cast(I64, sig), SIG_F) * gu[t, F + i], shift_h)
 
 
-def silu_quant_kernel(F: int, T: int | None = None):
+def silu_quant_body(F: int, n, spmd: bool = False):
     """Fast path: the gate|up matmul's output [T, 2F] -> SiLU(gate) * up -> per-token int8 (ffn_down's input),
-    a row at a time in LANES-wide vector loops (_silu_lanes, then quant_lanes). Symbolic T (prefill): rows
-    split over threads; T = 1 (decode): serial, as a parallel loop's thread wake-up costs about its work.
-    Constants past the int32 exp's range (f > SCORE_F) are refused by an assertion."""
+    a row at a time in LANES-wide vector loops (_silu_lanes, then quant_lanes), as a T.macro over rows n (see
+    phases for spmd). Symbolic T (prefill): rows split over threads; T = 1 (decode): serial, as a parallel
+    loop's thread wake-up costs about its work. The exp constants must be those of f <= SCORE_F (the kernel
+    asserts it)."""
+    from tvm.script import tirx as T_
+    from .tvm_int_matmul import phases
+    V = LANES
+    assert F % V == 0, F
+    rows = T_.parallel if not isinstance(n, int) else T_.serial
+    solo, bar = phases(spmd)
+
+    @T_.macro
+    def silu(gu, fshift, q_ln2, q_b, q_c, one, shift_h, q, amax):
+        h = T_.alloc_buffer((n, F), I64)
+        red = T_.alloc_buffer((n, V), I64)
+        with T_.attr(0, bar, 1):
+            for w in solo(2):
+                if w == 0:
+                    for t in rows(n):
+                        for j in T_.vectorized(V):
+                            red[t, j] = T_.int64(0)
+                        for b in range(F // V):
+                            for j in T_.vectorized(V):
+                                h[t, b * V + j] = _silu_lanes(gu, t, b * V + j, F, fshift, q_ln2, q_b, q_c, one, shift_h)
+                                red[t, j] = T_.max(red[t, j], T_.abs(h[t, b * V + j]))
+                        amax[t, 0] = red[t, 0]
+                        for j in range(1, V):
+                            amax[t, 0] = T_.max(amax[t, 0], red[t, j])
+                        red[t, 0] = T_.max(amax[t, 0], T_.int64(1))
+                        if red[t, 0] < T_.int64(quant_lanes_max()):
+                            for b in range(F // V):
+                                for j in T_.vectorized(V):
+                                    q[t, b * V + j] = T_.Cast("int8", quant_lanes(h[t, b * V + j], red[t, 0]))
+                        else:
+                            for i in range(F):
+                                q[t, i] = T_.Cast("int8", round_div(T_.int64(127) * h[t, i], red[t, 0]))
+    return silu
+
+
+def silu_quant_kernel(F: int, T: int | None = None):
+    """silu_quant_body as a kernel of its own; constants past the int32 exp's range (f > SCORE_F) are refused
+    by an assertion."""
     from tvm import tirx
     from tvm.script import tirx as T_
-    V = LANES
-    q_ln2_max = exp_consts(SCORE_F)[0]
-    assert F % V == 0, F
     n = tirx.Var("T", "int32") if T is None else T
-    rows = T_.parallel if T is None else T_.serial
+    body = silu_quant_body(F, n)
+    q_ln2_max = exp_consts(SCORE_F)[0]
 
     @T_.prim_func
     def silu(gu: T_.Buffer((n, 2 * F), I64), fshift: T_.int64, q_ln2: T_.int64, q_b: T_.int64, q_c: T_.int64,
              one: T_.int64, shift_h: T_.int64, q: T_.Buffer((n, F), "int8"), amax: T_.Buffer((n, 1), I64)):
         T_.func_attr({"tir.noalias": True})
         assert q_ln2 <= T_.int64(q_ln2_max), "silu_quant: exp constants of f <= SCORE_F expected"
-        h = T_.alloc_buffer((n, F), I64)
-        red = T_.alloc_buffer((n, V), I64)
-        for t in rows(n):
-            for j in T_.vectorized(V):
-                red[t, j] = T_.int64(0)
-            for b in range(F // V):
-                for j in T_.vectorized(V):
-                    h[t, b * V + j] = _silu_lanes(gu, t, b * V + j, F, fshift, q_ln2, q_b, q_c, one, shift_h)
-                    red[t, j] = T_.max(red[t, j], T_.abs(h[t, b * V + j]))
-            amax[t, 0] = red[t, 0]
-            for j in range(1, V):
-                amax[t, 0] = T_.max(amax[t, 0], red[t, j])
-            red[t, 0] = T_.max(amax[t, 0], T_.int64(1))
-            if red[t, 0] < T_.int64(quant_lanes_max()):
-                for b in range(F // V):
-                    for j in T_.vectorized(V):
-                        q[t, b * V + j] = T_.Cast("int8", quant_lanes(h[t, b * V + j], red[t, 0]))
-            else:
-                for i in range(F):
-                    q[t, i] = T_.Cast("int8", round_div(T_.int64(127) * h[t, i], red[t, 0]))
+        body(gu, fshift, q_ln2, q_b, q_c, one, shift_h, q, amax)
     return silu
 
 
@@ -979,6 +1060,10 @@ def build_int_module(cfg: ModelConfig, qc: QuantConfig, tvm_target=None):
         for (r, c, b, T), n in names["mm"].items():
             funcs[n] = int_matmul_func(r, c, b, g[b], target, T)
         funcs[names["w4_layout"]] = _flags([lane_layout(r, c, b, g[b], target) for r, c, b, _ in names["mm"]])
+        from .tvm_int_layer import decode_layer_kernel
+        layer = decode_layer_kernel(cfg, qc, target)
+        if layer is not None:
+            funcs[names["layer_t1"]] = layer
     else:
         funcs.update({names["norm"]: norm_kernel(cfg.dim),
                       names["rope_q"]: rope_kernel(cfg.n_heads, cfg.head_dim, cfg.rope_dim, cfg.rope_neox),

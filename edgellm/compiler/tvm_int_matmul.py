@@ -395,16 +395,34 @@ def _byte_sum(x8, t, c0):
     return _hsum(_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", pairs, _splat(1, "int16", 16)), 8, "int32")
 
 
-def _w4_lanes(k: Isa, rows: int, cols: int, n, native: bool, T):
-    """The w4 kernel over lane-layout codes (see int_matmul_func for the buffers): per token, x8 laid out to
-    match (xd), 8 * sum(x) per group (xg) and per 8 tail columns (xt); then per row N tokens at a time, one
-    expression whose code vectors LLVM loads and unpacks once for all N."""
+BARRIER = "pragma_parallel_barrier_when_finish"      # TVM codegen: all threads of the launch meet after the body
+
+
+def phases(spmd: bool):
+    """(solo, barrier) of a kernel body (a T.macro): a serial part is written `for w in solo(2): if w == 0:`,
+    and a phase is wrapped in `with T.attr(0, barrier, 1)`. Standalone: a plain loop and an inert attribute.
+    Inside one parallel launch (spmd: the decode layer kernel, edgellm.compiler.tvm_int_layer), solo is a
+    parallel loop that gives iteration 0 to thread 0 alone (a one-iteration loop would be lowered away, and
+    every thread would run the part), and each phase ends in a barrier of all threads: ~0.5 us against
+    ~2 us for a launch of its own on the 2-core host."""
+    from tvm.script import tirx as T_
+    return (T_.parallel, BARRIER) if spmd else (T_.serial, "edgellm_phase")
+
+
+def _w4_lanes_body(k: Isa, rows: int, cols: int, n, native: bool, T, spmd: bool = False):
+    """The w4 kernel over lane-layout codes as a T.macro (see int_matmul_func for the buffers): per token, x8
+    laid out to match (xd), 8 * sum(x) per group (xg) and per 8 tail columns (xt); then per row N tokens at a
+    time, one expression whose code vectors LLVM loads and unpacks once for all N. spmd (see phases): every
+    thread computes that per-token prologue itself (TVM puts small buffers on each thread's stack, large
+    ones in one shared workspace: either way each thread reads what it wrote, or the same values), then its
+    row blocks, then a barrier."""
     from tvm.script import tirx as T_
     from .tvm_int import rshift_round
     N = 1 if T == 1 else LANE_TOKENS
     nb, G = cols // LANE_COLS, cols // 32
     tail = cols // 64 - 4 * nb
     o0 = nb * LANE_COLS
+    rows_bar = phases(spmd)[1]
 
     def tokens(xd, xg, xt, sc, wq, j, t0, nt: int):
         rows_t = [_lane_row(k, cols, wq, xd, xg, xt, sc, j, t0 + i) for i in range(nt)]
@@ -412,22 +430,19 @@ def _w4_lanes(k: Isa, rows: int, cols: int, n, native: bool, T):
 
     RB = _block_cols(rows, 1, ROW_BLOCK)                  # rows per parallel task
 
-    @T_.prim_func
-    def w4(x8: T_.Buffer((n, cols), "int8"), wq: T_.Buffer((rows, cols // 2), "uint8"),
-           scale: T_.Buffer((rows, G), "float16"), rowf: T_.Buffer((rows,), "float64"),
-           amax: T_.Buffer((n, 1), "int64"), m: T_.Buffer((rows,), "int64"), s: T_.Buffer((rows,), "int64"),
-           pre: T_.Buffer((rows,), "int64"), acc: T_.Buffer((n, rows), "int64")):
-        T_.func_attr({"tir.noalias": True})
+    @T_.macro
+    def w4(x8, wq, scale, rowf, amax, m, s, pre, acc):
         xd = T_.alloc_buffer((n, cols), "int8")           # block b, step s: even then odd columns, lane k = group k
         xg = T_.alloc_buffer((n, G), "int32")             # 8 * sum(x8) per group
         xt = T_.alloc_buffer((n, max(1, 8 * tail)), "int32")   # 8 * sum(x8) per 8 columns of the tail steps
         ta = T_.alloc_buffer((n, 2), "int64")             # per token: amax kept to 16 bits, and the bits dropped
         flat = T_.decl_buffer((n * rows,), "int64", data=acc.data)
-        for t, b, st in T_.grid(n, nb, 4):                  # 4 bytes at a time: a stride-2 load each
+        for t, b, st in T_.grid(n, nb, 4):              # 4 bytes at a time: a stride-2 load each
             for p in T_.unroll(2):
                 for kk in T_.unroll(8):
                     for q in T_.vectorized(4):
-                        xd[t, b * 256 + st * 64 + p * 32 + kk * 4 + q] = x8[t, b * 256 + kk * 32 + st * 8 + q * 2 + p]
+                        xd[t, b * 256 + st * 64 + p * 32 + kk * 4 + q] = \
+                            x8[t, b * 256 + kk * 32 + st * 8 + q * 2 + p]
         for t, c in T_.grid(n, tail):
             for i in T_.vectorized(32):
                 xd[t, o0 + c * 64 + i] = x8[t, o0 + c * 64 + 2 * i]
@@ -439,20 +454,37 @@ def _w4_lanes(k: Isa, rows: int, cols: int, n, native: bool, T):
         for t in range(n):
             ta[t, 1] = _amax_drop(amax[t, 0])
             ta[t, 0] = rshift_round(amax[t, 0], ta[t, 1])
-        for jb in T_.parallel(rows // RB):
-            for jr in range(RB):
-                for ln in range(_lines(cols // 2)):
-                    T_.evaluate(_prefetch(wq, jb * RB + jr, rows, cols // 2, ln))
-                for ln in range(_lines(G * 2)):
-                    T_.evaluate(_prefetch(scale, jb * RB + jr, rows, G * 2, ln, 2))
-                for tb in range(n // N):
-                    flat[_span(tb * N * rows + jb * RB + jr, rows, N)] = tokens(
-                        xd, xg, xt, (scale, rowf, native), wq, jb * RB + jr, tb * N, N)
-                for t in range(n // N * N, n):
-                    acc[t, jb * RB + jr] = _lane_row(k, cols, wq, xd, xg, xt, (scale, rowf, native), jb * RB + jr, t)
-            for t in range(n):
-                for jv in T_.vectorized(RB):
-                    acc[t, jb * RB + jv] = _requant_lanes(acc[t, jb * RB + jv], ta, m, s, pre, t, jb * RB + jv)
+        with T_.attr(0, rows_bar, 1):
+            for jb in T_.parallel(rows // RB):
+                for jr in range(RB):
+                    for ln in range(_lines(cols // 2)):
+                        T_.evaluate(_prefetch(wq, jb * RB + jr, rows, cols // 2, ln))
+                    for ln in range(_lines(G * 2)):
+                        T_.evaluate(_prefetch(scale, jb * RB + jr, rows, G * 2, ln, 2))
+                    for tb in range(n // N):
+                        flat[_span(tb * N * rows + jb * RB + jr, rows, N)] = tokens(
+                            xd, xg, xt, (scale, rowf, native), wq, jb * RB + jr, tb * N, N)
+                    for t in range(n // N * N, n):
+                        acc[t, jb * RB + jr] = _lane_row(k, cols, wq, xd, xg, xt, (scale, rowf, native), jb * RB + jr, t)
+                for t in range(n):
+                    for jv in T_.vectorized(RB):
+                        acc[t, jb * RB + jv] = _requant_lanes(acc[t, jb * RB + jv], ta, m, s, pre, t, jb * RB + jv)
+    return w4
+
+
+def _w4_lanes(k: Isa, rows: int, cols: int, n, native: bool, T):
+    """_w4_lanes_body as a kernel of its own."""
+    from tvm.script import tirx as T_
+    body = _w4_lanes_body(k, rows, cols, n, native, T)
+    G = cols // 32
+
+    @T_.prim_func
+    def w4(x8: T_.Buffer((n, cols), "int8"), wq: T_.Buffer((rows, cols // 2), "uint8"),
+           scale: T_.Buffer((rows, G), "float16"), rowf: T_.Buffer((rows,), "float64"),
+           amax: T_.Buffer((n, 1), "int64"), m: T_.Buffer((rows,), "int64"), s: T_.Buffer((rows,), "int64"),
+           pre: T_.Buffer((rows,), "int64"), acc: T_.Buffer((n, rows), "int64")):
+        T_.func_attr({"tir.noalias": True})
+        body(x8, wq, scale, rowf, amax, m, s, pre, acc)
     return w4
 
 

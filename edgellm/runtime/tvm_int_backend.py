@@ -85,7 +85,9 @@ def int_kernel_names(cfg: ModelConfig, qc: QuantConfig) -> dict:
     fused kernels "norm_quant" (RMSNorm + int8), "res_norm_quant" (residual add + RMSNorm + int8),
     "qkv_post" (RoPE + int8 q; RoPE + int8 k and v at the cache scale written into the KV cache),
     "attention_q8" (attention + int8),
-    "silu_quant" (SiLU * up + int8); "_t1" names: the same for one row (decode, serial kernels). Generic path:
+    "silu_quant" (SiLU * up + int8); "_t1" names: the same for one row (decode, serial kernels); "layer_t1"
+    (only where the target has it: edgellm.compiler.tvm_int_layer) one decode token through a whole layer of
+    all-w4 matmuls in one parallel launch. Generic path:
     "linear" maps (N, K, "w8" | "w4") -> name (the head is w8; mixed-precision w4 schemes also get w8 blocks); "quant" maps (groups, width, qmax) -> name;
     "static_quant" maps width -> name (act="static" only). Every kernel takes T rows (T symbolic unless
     named); attention and RoPE take the context length from their tables.
@@ -101,7 +103,8 @@ def int_kernel_names(cfg: ModelConfig, qc: QuantConfig) -> dict:
                 "norm_quant": f"int_norm_quant_{cfg.dim}", "res_norm_quant": f"int_res_norm_quant_{cfg.dim}",
                 "qkv_post": f"int_qkv_post_kv_{qd}_{kvd}", "attention_q8": "int_attention_q8",
                 "attention_q8_t1": "int_attention_q8_t1",
-                "silu_quant": f"int_silu_quant_{cfg.ffn_dim}", "silu_quant_t1": f"int_silu_quant_{cfg.ffn_dim}_t1"}
+                "silu_quant": f"int_silu_quant_{cfg.ffn_dim}", "silu_quant_t1": f"int_silu_quant_{cfg.ffn_dim}_t1",
+                "layer_t1": "int_decode_layer"}
     kinds = {4: ("w4",) if qc.max_bpw is None else ("w4", "w8"), 8: ("w8",)}[qc.w_bits]
     linear = {(n, k, kind) for n, k in linear_shapes(cfg).values() for kind in kinds} | {(cfg.vocab_size, cfg.dim, "w8")}
     widths = {cfg.dim, qd, cfg.ffn_dim}
@@ -226,18 +229,20 @@ class TvmIntBackend(TvmBackend):
 
     Forward, chunking (prompts in chunks of up to `chunk` tokens), call validation, kernel lookup and the
     thread policy (`threads`, as llama.cpp's -t) are TvmBackend's; prepare, the cache and a chunk's pass are
-    integer. On the fast path a layer is 9 kernel calls (see _run_fast); `profile=True` times every call
-    (self.profile: name -> [calls, seconds])."""
+    integer. On the fast path a layer is 9 kernel calls (see _run_fast), and a decode token's layer one call
+    where the library has the decode layer kernel (`layer_kernel=False` keeps the 9); `profile=True` times
+    every call (self.profile: name -> [calls, seconds]) of the 9-call plan."""
 
     name = "tvm-int"
 
     def __init__(self, qmodel: QuantizedModel | str | Path, library: str | os.PathLike, threads: int | None = None,
-                 chunk: int = 32, profile: bool = False):
+                 chunk: int = 32, profile: bool = False, layer_kernel: bool = True):
         if not isinstance(qmodel, QuantizedModel):
             qmodel = load_quantized(qmodel, lazy=True)    # tensors read on use: prepare copies each once
         self.qmodel, self.qc = qmodel, qmodel.qconfig
         IntTransformer(qmodel, "integer")                  # refuses weight-only schemes with a clear error
         self.profile = {} if profile else None
+        self.layer_kernel = layer_kernel and not profile
         super().__init__(qmodel.config, None, library, threads, chunk)
 
     def _fn(self, name: str):
@@ -407,6 +412,12 @@ class TvmIntBackend(TvmBackend):
         c, qc, t = self.cfg, self.qc, self.qmodel.tensors
         mm = {key: self._fn(n) for key, n in names["mm"].items()}
         self._lanes = self._lane_shapes(names)
+        self.layer_t1 = None
+        if self.layer_kernel:
+            try:
+                self.layer_t1 = self.lib[names["layer_t1"]]
+            except Exception:  # noqa: BLE001 - not built for this target (or an older library): per-kernel plan
+                pass
         self.k = {key: self._fn(names[key]) for key in ("embed", "norm_quant", "res_norm_quant", "qkv_post",
                                                         "attention_q8", "silu_quant", "silu_quant_t1",
                                                         "attention_q8_t1")}
@@ -421,7 +432,7 @@ class TvmIntBackend(TvmBackend):
         spec = {"tok": (None, None, i64), "x": (None, D, i64), "x2": (None, D, i64), "o": (None, D, i64),
                 "h8": (None, D, i8), "ha": (None, 1, i64), "qkv": (None, qd + 2 * kvd, i64),
                 "q8": (None, qd, i8 if qc.q_bits == 8 else np.int16), "qa": (None, c.n_heads, i64),
-                "a8": (None, qd, i8), "aa": (None, 1, i64), "gu": (None, 2 * Fd, i64), "f8": (None, Fd, i8),
+                "a8": (None, qd, i8), "aa": (None, 1, i64), "ao": (1, qd, i64), "gu": (None, 2 * Fd, i64), "f8": (None, Fd, i8),
                 "fa": (None, 1, i64), "last8": (1, D, i8), "lasta": (1, 1, i64),
                 "logits": (None, c.vocab_size, i64)}
         spec.update({f"part{r}": (None, r, i64) for L in self.layers for g in FUSED
@@ -448,6 +459,12 @@ class TvmIntBackend(TvmBackend):
 
     def _run(self, tokens: np.ndarray, pos: int, kv: TvmIntKVCache, logits: str | None):
         return (self._run_fast if self.fast else self._run_generic)(tokens, pos, kv, logits)
+
+    def _lane_group(self, grp: dict) -> bool:
+        """Whether a fused group is one w4 matmul over lane-layout codes (what the decode layer kernel takes)."""
+        parts = grp["parts"]
+        return len(parts) == 1 and len(parts[0]["w"]) == 3 and tuple(parts[0]["_keep"][0].np.shape) in {
+            (r, c // 2) for r, c in self._lanes}
 
     def _mm_steps(self, grp: dict, x8, amax, out, T: int) -> list:
         """Plan steps of one fused group's matmul(s) on int8 rows x8 into out [T, rows]; mixed widths: one call
@@ -488,6 +505,15 @@ class TvmIntBackend(TvmBackend):
         plan = [[K["embed"], [self.emb["table"], a["tok"].t, self.emb["m"], self.emb["sh"], x], -1],
                 [K["norm_quant"], [x, self.layers[0]["g1"], eps, h8, ha], -1]]
         for i, L in enumerate(self.layers):
+            if T == 1 and self.layer_t1 is not None and all(self._lane_group(L[g]) for g in FUSED):
+                g = self.layers[i + 1]["g1"] if i + 1 < n else self.g_out
+                w = {k: [*L[k]["parts"][0]["w"], *L[k]["parts"][0]["c"]] for k in FUSED}
+                plan.append([self.layer_t1, [x, x2, o, h8, ha, *(a[k].t for k in ("qkv", "q8", "qa", "a8", "aa", "gu",
+                                                                                   "f8", "fa")),
+                                             cos, sin, 0, kv.tk, kv.tka, kv.tv, i, eps, *w["qkv"], L["vm"], L["vsh"],
+                                             L["om"], L["osh"], *L["sc"], *w["o"], L["g2"], *w["gu"], *L["silu"],
+                                             *w["down"], g, a["ao"].t], 15])
+                continue
             plan += mm(L["qkv"], a["h8"], a["ha"], a["qkv"])
             plan += [[K["qkv_post"], [a["qkv"].t, cos, sin, 0, L["vm"], L["vsh"], kv.tk, kv.tka, kv.tv, i,
                                       a["q8"].t, a["qa"].t], 3],     # new k / v rows straight into the cache
