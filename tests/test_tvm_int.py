@@ -401,6 +401,19 @@ def test_decode_layer_kernel_is_the_per_kernel_plan(built, threads):
     assert sum(step[0] is mixed.layer_t1 for step in plan) == sum(groups)
 
 
+def test_huge_page_arena_hands_out_aligned_disjoint_arrays():
+    """The weight arena: 64-byte aligned pieces from a huge-page boundary on, none overlapping; a request
+    past its end comes from numpy."""
+    from edgellm.runtime.tvm_backend import HUGE_PAGE, HugePageArena
+    arena = HugePageArena(1 << 16)
+    x, y = arena.empty((100,), np.int8), arena.empty((10, 3), np.int64)
+    assert x.ctypes.data % HUGE_PAGE == 0 and y.ctypes.data % 64 == 0 and y.shape == (10, 3)
+    x[:], y[:] = 1, 2
+    assert (x == 1).all() and (y == 2).all() and not np.shares_memory(x, y)
+    z = arena.empty((3 * HUGE_PAGE,), np.uint8)
+    assert z.ctypes.data % 64 == 0 and not np.shares_memory(z, arena._buf)
+
+
 def test_errors(built):
     from edgellm.runtime.tvm_int_backend import TvmIntBackend
     qm, lib = built["w8a8"]

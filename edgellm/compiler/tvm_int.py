@@ -24,7 +24,7 @@ from pathlib import Path
 
 from ..runtime.config import ModelConfig
 from ..runtime.intref import NORM_F, SCORE_F, SIG_F, QuantConfig, QuantizedModel, exp_consts
-from ..runtime.tvm_int_backend import int_kernel_names
+from ..runtime.tvm_int_backend import SILU_SLICES, int_kernel_names
 from .tvm_build import _tvm, cross_compiler, export_atomic, host_target, resolve_target
 
 I64 = "int64"
@@ -950,43 +950,84 @@ def _silu_lanes(gu, t, i, F: int, fshift, q_ln2, q_b, q_c, one, shift_h):
 
 
 def silu_quant_body(F: int, n, spmd: bool = False):
-    """Fast path: the gate|up matmul's output [T, 2F] -> SiLU(gate) * up -> per-token int8 (ffn_down's input),
-    a row at a time in LANES-wide vector loops (_silu_lanes, then quant_lanes), as a T.macro over rows n (see
-    phases for spmd). Symbolic T (prefill): rows split over threads; T = 1 (decode): serial, as a parallel
-    loop's thread wake-up costs about its work. The exp constants must be those of f <= SCORE_F (the kernel
-    asserts it)."""
+    """Fast path: the gate|up matmul's output [T, 2F] -> SiLU(gate) * up -> per-token int8 (ffn_down's input) in
+    LANES-wide vector loops (_silu_lanes, then quant_lanes), as a T.macro over rows n. Symbolic T (prefill):
+    rows split over threads; macro(gu, consts.., q, amax). T = 1 (decode): SILU_SLICES column slices, each
+    with its partial amax (pm, int64 [1, SILU_SLICES], written and read by different threads, so memory all
+    of them see), then the amax and each slice's int8 codes: serial in its own kernel (a parallel loop's wake-up
+    costs about its work), split over the threads inside the layer kernel (spmd, see phases: 8.7 -> ~5 us
+    per layer on the 2-core host); macro(gu, consts.., q, amax, pm). The exp constants must be those of
+    f <= SCORE_F (the kernels assert it)."""
     from tvm.script import tirx as T_
     from .tvm_int_matmul import phases
     V = LANES
     assert F % V == 0, F
-    rows = T_.parallel if not isinstance(n, int) else T_.serial
     solo, bar = phases(spmd)
+
+    def quant(h, t, i, top):
+        return T_.Cast("int8", quant_lanes(h[t, i], top))
+
+    if isinstance(n, int):
+        S = SILU_SLICES if F % (SILU_SLICES * V) == 0 else 1
+        W = F // S
+        split = T_.parallel if spmd else T_.serial
+
+        @T_.macro
+        def silu1(gu, fshift, q_ln2, q_b, q_c, one, shift_h, q, amax, pm):
+            h = T_.alloc_buffer((n, F), I64)
+            red = T_.alloc_buffer((S, V), I64)
+            top = T_.alloc_buffer((S,), I64)
+            with T_.attr(0, bar, 1):
+                for sl in split(S):
+                    for j in T_.vectorized(V):
+                        red[sl, j] = T_.int64(0)
+                    for b in range(W // V):
+                        for j in T_.vectorized(V):
+                            h[0, sl * W + b * V + j] = _silu_lanes(gu, 0, sl * W + b * V + j, F, fshift, q_ln2, q_b,
+                                                                   q_c, one, shift_h)
+                            red[sl, j] = T_.max(red[sl, j], T_.abs(h[0, sl * W + b * V + j]))
+                    pm[0, sl] = red[sl, 0]
+                    for j in range(1, V):
+                        pm[0, sl] = T_.max(pm[0, sl], red[sl, j])
+            with T_.attr(0, bar, 1):
+                for sl in split(S):
+                    top[sl] = pm[0, 0]
+                    for k in range(1, S):
+                        top[sl] = T_.max(top[sl], pm[0, k])
+                    if sl == 0:
+                        amax[0, 0] = top[sl]
+                    top[sl] = T_.max(top[sl], T_.int64(1))
+                    if top[sl] < T_.int64(quant_lanes_max()):
+                        for b in range(W // V):
+                            for j in T_.vectorized(V):
+                                q[0, sl * W + b * V + j] = quant(h, 0, sl * W + b * V + j, top[sl])
+                    else:
+                        for i in range(W):
+                            q[0, sl * W + i] = T_.Cast("int8", round_div(T_.int64(127) * h[0, sl * W + i], top[sl]))
+        return silu1
 
     @T_.macro
     def silu(gu, fshift, q_ln2, q_b, q_c, one, shift_h, q, amax):
         h = T_.alloc_buffer((n, F), I64)
         red = T_.alloc_buffer((n, V), I64)
-        with T_.attr(0, bar, 1):
-            for w in solo(2):
-                if w == 0:
-                    for t in rows(n):
-                        for j in T_.vectorized(V):
-                            red[t, j] = T_.int64(0)
-                        for b in range(F // V):
-                            for j in T_.vectorized(V):
-                                h[t, b * V + j] = _silu_lanes(gu, t, b * V + j, F, fshift, q_ln2, q_b, q_c, one, shift_h)
-                                red[t, j] = T_.max(red[t, j], T_.abs(h[t, b * V + j]))
-                        amax[t, 0] = red[t, 0]
-                        for j in range(1, V):
-                            amax[t, 0] = T_.max(amax[t, 0], red[t, j])
-                        red[t, 0] = T_.max(amax[t, 0], T_.int64(1))
-                        if red[t, 0] < T_.int64(quant_lanes_max()):
-                            for b in range(F // V):
-                                for j in T_.vectorized(V):
-                                    q[t, b * V + j] = T_.Cast("int8", quant_lanes(h[t, b * V + j], red[t, 0]))
-                        else:
-                            for i in range(F):
-                                q[t, i] = T_.Cast("int8", round_div(T_.int64(127) * h[t, i], red[t, 0]))
+        for t in T_.parallel(n):
+            for j in T_.vectorized(V):
+                red[t, j] = T_.int64(0)
+            for b in range(F // V):
+                for j in T_.vectorized(V):
+                    h[t, b * V + j] = _silu_lanes(gu, t, b * V + j, F, fshift, q_ln2, q_b, q_c, one, shift_h)
+                    red[t, j] = T_.max(red[t, j], T_.abs(h[t, b * V + j]))
+            amax[t, 0] = red[t, 0]
+            for j in range(1, V):
+                amax[t, 0] = T_.max(amax[t, 0], red[t, j])
+            red[t, 0] = T_.max(amax[t, 0], T_.int64(1))
+            if red[t, 0] < T_.int64(quant_lanes_max()):
+                for b in range(F // V):
+                    for j in T_.vectorized(V):
+                        q[t, b * V + j] = quant(h, t, b * V + j, red[t, 0])
+            else:
+                for i in range(F):
+                    q[t, i] = T_.Cast("int8", round_div(T_.int64(127) * h[t, i], red[t, 0]))
     return silu
 
 
@@ -998,13 +1039,18 @@ def silu_quant_kernel(F: int, T: int | None = None):
     n = tirx.Var("T", "int32") if T is None else T
     body = silu_quant_body(F, n)
     q_ln2_max = exp_consts(SCORE_F)[0]
+    one_row = T == 1
 
     @T_.prim_func
     def silu(gu: T_.Buffer((n, 2 * F), I64), fshift: T_.int64, q_ln2: T_.int64, q_b: T_.int64, q_c: T_.int64,
              one: T_.int64, shift_h: T_.int64, q: T_.Buffer((n, F), "int8"), amax: T_.Buffer((n, 1), I64)):
         T_.func_attr({"tir.noalias": True})
         assert q_ln2 <= T_.int64(q_ln2_max), "silu_quant: exp constants of f <= SCORE_F expected"
-        body(gu, fshift, q_ln2, q_b, q_c, one, shift_h, q, amax)
+        if one_row:
+            pm = T_.alloc_buffer((1, SILU_SLICES), I64)
+            body(gu, fshift, q_ln2, q_b, q_c, one, shift_h, q, amax, pm)
+        else:
+            body(gu, fshift, q_ln2, q_b, q_c, one, shift_h, q, amax)
     return silu
 
 

@@ -17,10 +17,10 @@ from .tvm_build import host_target
 
 LAYER_ARGS = ("x", "x2", "o", "h8", "ha", "qkv", "q8", "qa", "a8", "aa", "gu", "f8", "fa", "cos", "sin", "pos",
               "kc", "kac", "vc", "layer", "eps_q", "qkv_w*", "vm", "vsh", "om", "osh", "sc_m", "sc_s", "o_w*", "g2",
-              "gu_w*", "fshift", "q_ln2", "q_b", "q_c", "one", "shift_h", "down_w*", "g_next", "ao")
+              "gu_w*", "fshift", "q_ln2", "q_b", "q_c", "one", "shift_h", "down_w*", "g_next", "ao", "pm")
 """The layer kernel's arguments in order; "G_w*" stands for the six of fused matmul G: codes, fp16 scales,
-2^-base per row, m, s, pre; "ao" is attention's scratch (its heads' outputs, int64 [1, n_heads * head_dim],
-in memory every thread sees). edgellm.runtime.tvm_int_backend plans the call."""
+2^-base per row, m, s, pre; "ao" (attention's heads' outputs, int64 [1, n_heads * head_dim]) and "pm" (the
+SiLU slices' partial amaxes, int64 [1, SILU_SLICES]) are scratch that threads share, so it is passed in. edgellm.runtime.tvm_int_backend plans the call."""
 
 
 def layer_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
@@ -35,8 +35,8 @@ def decode_layer_kernel(cfg: ModelConfig, qc: QuantConfig, tvm_target=None):
     vector attention does not take."""
     from tvm import tirx
     from tvm.script import tirx as T_
-    from .tvm_int import (I64, SCORE_F, attention_lanes_body, exp_consts, qkv_post_body, res_norm_quant_body,
-                          silu_quant_body)
+    from .tvm_int import (I64, SCORE_F, SILU_SLICES, attention_lanes_body, exp_consts, qkv_post_body,
+                          res_norm_quant_body, silu_quant_body)
     from .tvm_int_matmul import _ISA, _check, _w4_lanes_body, kernel_isa, lane_layout, native_f16
     target = host_target() if tvm_target is None else tvm_target
     shapes = layer_shapes(cfg)
@@ -80,7 +80,7 @@ def decode_layer_kernel(cfg: ModelConfig, qc: QuantConfig, tvm_target=None):
               fshift: T_.int64, q_ln2: T_.int64, q_b: T_.int64, q_c: T_.int64, one: T_.int64, shift_h: T_.int64,
               w4: T_.Buffer((D, F // 2), u8), s4: T_.Buffer((D, F // 32), f16), f4: T_.Buffer((D,), f64),
               m4: T_.Buffer((D,), I64), sh4: T_.Buffer((D,), I64), p4: T_.Buffer((D,), I64),
-              g_next: T_.Buffer((D,), I64), ao: T_.Buffer((1, qd), I64)):
+              g_next: T_.Buffer((D,), I64), ao: T_.Buffer((1, qd), I64), pm: T_.Buffer((1, SILU_SLICES), I64)):
         T_.func_attr({"tir.noalias": True})
         assert pos + 1 <= n_ctx, "decode layer: position past the KV cache"
         assert q_ln2 <= T_.int64(q_ln2_max), "decode layer: exp constants of f <= SCORE_F expected"
@@ -91,7 +91,7 @@ def decode_layer_kernel(cfg: ModelConfig, qc: QuantConfig, tvm_target=None):
             mm_o(a8, w2, s2, f2, aa, m2, sh2, p2, o)
             norm(x, o, g2, eps_q, x2, h8, ha)
             mm_gu(h8, w3, s3, f3, ha, m3, sh3, p3, gu)
-            silu(gu, fshift, q_ln2, q_b, q_c, one, shift_h, f8, fa)
+            silu(gu, fshift, q_ln2, q_b, q_c, one, shift_h, f8, fa, pm)
             mm_down(f8, w4, s4, f4, fa, m4, sh4, p4, o)
             norm(x2, o, g_next, eps_q, x, h8, ha)
     return layer

@@ -104,6 +104,36 @@ def aligned_empty(shape, dtype=np.float32, align: int = 64) -> np.ndarray:
     return buf[off:off + nbytes].view(dtype).reshape(shape)
 
 
+HUGE_PAGE = 1 << 21
+
+
+class HugePageArena:
+    """Arrays carved from one anonymous mapping advised for transparent huge pages (madvise MADV_HUGEPAGE,
+    which Linux honours in its default "madvise" THP mode): decode streams every weight once per token, and
+    in 4 KB pages that is ~22,000 TLB misses per token for SmolLM2; in 2 MB pages ~45. Interleaved on the
+    AVX2 host: decode +5%. The mapping is virtual address space until touched; where madvise or THP is
+    missing the arrays are ordinary pages. An array larger than what is left comes from numpy instead."""
+
+    def __init__(self, nbytes: int):
+        import mmap
+        self._map = mmap.mmap(-1, int(nbytes) + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        try:
+            self._map.madvise(mmap.MADV_HUGEPAGE)
+        except (AttributeError, OSError, ValueError):      # no madvise / no THP: plain pages, same arrays
+            pass
+        self._buf = np.frombuffer(self._map, np.uint8)
+        self._top = (-self._buf.ctypes.data) % HUGE_PAGE  # start on a huge-page boundary
+
+    def empty(self, shape, dtype, align: int = 64) -> np.ndarray:
+        shape = tuple(int(s) for s in shape)
+        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        start = self._top + (-self._top) % align
+        if start + nbytes > len(self._buf):
+            return aligned_empty(shape, dtype, align)
+        self._top = start + nbytes
+        return self._buf[start:start + nbytes].view(dtype).reshape(shape)
+
+
 ELF_MACHINES = {3: "i686", 40: "armv7l", 62: "x86_64", 183: "aarch64", 243: "riscv64"}
 
 

@@ -29,7 +29,7 @@ from .config import ModelConfig
 from .int_backend import load_quantized, read_into, tensor_header
 from .intref import (LINEARS, SCORE_F, IntKVCache, IntTransformer, QuantConfig, QuantizedModel, StaticConsts,
                      exp_consts, linear_bits, rope_q15, w4_group_scales)
-from .tvm_backend import Buffer, TvmBackend, TvmKVCache, _runtime, aligned_empty
+from .tvm_backend import Buffer, HugePageArena, TvmBackend, TvmKVCache, _runtime, aligned_empty
 
 INT_LIBRARY = "kernels/int.so"     # where a bundle keeps the integer kernels
 INT_KERNEL_ABI = 5                 # bump when a kernel's arguments or semantics change
@@ -53,6 +53,8 @@ def int_kernel_signature(cfg: ModelConfig, qc: QuantConfig) -> str:
 
 FUSED = {"qkv": ("attn_q", "attn_k", "attn_v"), "o": ("attn_output",), "gu": ("ffn_gate", "ffn_up"),
          "down": ("ffn_down",)}       # linears sharing an input: one matmul over their concatenated rows
+SILU_SLICES = 8                        # decode SiLU: column slices with a partial amax each (the layer kernel
+                                       # splits them over threads); the runtime passes that scratch in
 MAX_SHIFT = 20                         # as IntLinear.build: group scales of one row span at most 2^20
 
 
@@ -183,11 +185,11 @@ def matmul_scale(t: dict, name: str, qc: QuantConfig) -> np.ndarray:
     return np.ldexp(1.0, -np.asarray(base, np.int64))
 
 
-def read_stacked(t, names, suffix: str) -> tuple[Buffer, dict[str, np.ndarray]]:
-    """Tensors `n + suffix` of names stacked row after row in one kernel buffer, each read straight into its
-    rows (no concatenation copy), and a view of each."""
+def read_stacked(t, names, suffix: str, arena: HugePageArena | None = None) -> tuple[Buffer, dict[str, np.ndarray]]:
+    """Tensors `n + suffix` of names stacked row after row in one kernel buffer (from `arena` if given), each
+    read straight into its rows (no concatenation copy), and a view of each."""
     heads = [tensor_header(t, n + suffix) for n in names]
-    buf = int_buffer((sum(h[0][0] for h in heads), *heads[0][0][1:]), heads[0][1], fill=False)
+    buf = int_buffer((sum(h[0][0] for h in heads), *heads[0][0][1:]), heads[0][1], fill=False, arena=arena)
     views, r = {}, 0
     for n, (shape, _) in zip(names, heads):
         views[n + suffix] = buf.np[r:r + shape[0]]
@@ -196,15 +198,16 @@ def read_stacked(t, names, suffix: str) -> tuple[Buffer, dict[str, np.ndarray]]:
     return buf, views
 
 
-def int_buffer(shape_or_array, dtype=None, fill: bool = True) -> Buffer:
+def int_buffer(shape_or_array, dtype=None, fill: bool = True, arena: HugePageArena | None = None) -> Buffer:
     """A Buffer (aligned numpy + TVM tensor, same memory) of any dtype, zeroed (fill=False: left for the caller
-    to fill) or holding a copy of an array."""
+    to fill) or holding a copy of an array; its memory from `arena` if given."""
     b = Buffer.__new__(Buffer)
+    empty = aligned_empty if arena is None else arena.empty
     if isinstance(shape_or_array, np.ndarray):
-        b.np = aligned_empty(shape_or_array.shape, dtype or shape_or_array.dtype)
+        b.np = empty(shape_or_array.shape, dtype or shape_or_array.dtype)
         b.np[...] = shape_or_array
     else:
-        b.np = aligned_empty(shape_or_array, dtype)
+        b.np = empty(shape_or_array, dtype)
         if fill:
             b.np[...] = 0
     b.t = _runtime().from_dlpack(b.np)
@@ -283,9 +286,13 @@ class TvmIntBackend(TvmBackend):
         c, qc, t = self.cfg, self.qc, self.qmodel.tensors
         self._codes, views = {}, {}
         groups = [[f"blk.{i}.{n}.weight" for n in members] for i in range(c.n_layers) for members in FUSED.values()]
-        for ns, _ in [p for g in groups for p in self._parts(g, [linear_bits(t, n, qc) for n in g])] + \
-                [(("token_embd",), 8)] + ([(("output",), 8)] if "output.q" in t else []):
-            self._codes[ns], v = read_stacked(t, ns, ".q")
+        parts = [p for g in groups for p in self._parts(g, [linear_bits(t, n, qc) for n in g])] + \
+            [(("token_embd",), 8)] + ([(("output",), 8)] if "output.q" in t else [])
+        size = sum(int(np.prod(h[0])) * np.dtype(h[1]).itemsize + 64 for ns, _ in parts for n in ns
+                   for h in [tensor_header(t, n + x) for x in (".q", ".scale") if n + x in t])
+        self._arena = HugePageArena(size)          # the codes and group scales every decode token streams
+        for ns, _ in parts:
+            self._codes[ns], v = read_stacked(t, ns, ".q", self._arena)
             views.update(v)
         return views
 
@@ -394,7 +401,7 @@ class TvmIntBackend(TvmBackend):
                 if (len(w[0].np), w[0].np.shape[1] * 2) in self._lanes:
                     to_lane_layout(w[0].np)
                 rowf = np.concatenate([matmul_scale(t, n, qc) for n in ns])
-                w += [read_stacked(t, ns, ".scale")[0], int_buffer(rowf)]
+                w += [read_stacked(t, ns, ".scale", self._arena)[0], int_buffer(rowf)]
             m = np.concatenate([np.asarray(c[0], np.int64).reshape(-1) for c in cs])
             s = np.concatenate([np.asarray(c[1], np.int64).reshape(-1) for c in cs])
             pre = np.concatenate([np.full(np.size(c[0]), int(c[2]), np.int64) for c in cs])
@@ -432,7 +439,8 @@ class TvmIntBackend(TvmBackend):
         spec = {"tok": (None, None, i64), "x": (None, D, i64), "x2": (None, D, i64), "o": (None, D, i64),
                 "h8": (None, D, i8), "ha": (None, 1, i64), "qkv": (None, qd + 2 * kvd, i64),
                 "q8": (None, qd, i8 if qc.q_bits == 8 else np.int16), "qa": (None, c.n_heads, i64),
-                "a8": (None, qd, i8), "aa": (None, 1, i64), "ao": (1, qd, i64), "gu": (None, 2 * Fd, i64), "f8": (None, Fd, i8),
+                "a8": (None, qd, i8), "aa": (None, 1, i64), "ao": (1, qd, i64), "pm": (1, SILU_SLICES, i64),
+                "gu": (None, 2 * Fd, i64), "f8": (None, Fd, i8),
                 "fa": (None, 1, i64), "last8": (1, D, i8), "lasta": (1, 1, i64),
                 "logits": (None, c.vocab_size, i64)}
         spec.update({f"part{r}": (None, r, i64) for L in self.layers for g in FUSED
@@ -512,7 +520,7 @@ class TvmIntBackend(TvmBackend):
                                                                                    "f8", "fa")),
                                              cos, sin, 0, kv.tk, kv.tka, kv.tv, i, eps, *w["qkv"], L["vm"], L["vsh"],
                                              L["om"], L["osh"], *L["sc"], *w["o"], L["g2"], *w["gu"], *L["silu"],
-                                             *w["down"], g, a["ao"].t], 15])
+                                             *w["down"], g, a["ao"].t, a["pm"].t], 15])
                 continue
             plan += mm(L["qkv"], a["h8"], a["ha"], a["qkv"])
             plan += [[K["qkv_post"], [a["qkv"].t, cos, sin, 0, L["vm"], L["vsh"], kv.tk, kv.tka, kv.tv, i,
