@@ -14,6 +14,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -412,6 +414,25 @@ def test_huge_page_arena_hands_out_aligned_disjoint_arrays():
     assert (x == 1).all() and (y == 2).all() and not np.shares_memory(x, y)
     z = arena.empty((3 * HUGE_PAGE,), np.uint8)
     assert z.ctypes.data % 64 == 0 and not np.shares_memory(z, arena._buf)
+
+
+def test_ab_decode_tool_runs_both_sides(built, tmp_path, capsys):
+    """tools/ab_decode.py on a bundle-shaped directory: both sides decode, same logits, a ratio printed."""
+    import importlib.util
+    qm, lib = built["w4a8-g32"]
+    (tmp_path / "quant").mkdir()
+    (tmp_path / "kernels").mkdir()
+    qm.save(tmp_path / "quant" / "model.npz")
+    (tmp_path / "kernels" / "int.so").write_bytes(Path(lib).read_bytes())
+    spec = importlib.util.spec_from_file_location("ab_decode", REPO / "tools" / "ab_decode.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    for option in tool.OPTIONS:
+        assert tool.main(["--bundle", str(tmp_path), "--option", option, "--rounds", "1", "--prompt-tokens", "4",
+                          "--tokens", "3"]) == 0
+        out = capsys.readouterr().out
+        assert "same logits: True" in out and "ratio on/off:" in out
+    assert tool.main(["--bundle", str(tmp_path / "missing"), "--option", "layer_kernel"]) == 2
 
 
 def test_errors(built):

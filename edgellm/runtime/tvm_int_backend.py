@@ -233,19 +233,21 @@ class TvmIntBackend(TvmBackend):
     Forward, chunking (prompts in chunks of up to `chunk` tokens), call validation, kernel lookup and the
     thread policy (`threads`, as llama.cpp's -t) are TvmBackend's; prepare, the cache and a chunk's pass are
     integer. On the fast path a layer is 9 kernel calls (see _run_fast), and a decode token's layer one call
-    where the library has the decode layer kernel (`layer_kernel=False` keeps the 9); `profile=True` times
-    every call (self.profile: name -> [calls, seconds]) of the 9-call plan."""
+    where the library has the decode layer kernel (`layer_kernel=False` keeps the 9); weights live in a
+    transparent-huge-page arena (`huge_pages=False`: numpy's pages); `profile=True` times every call
+    (self.profile: name -> [calls, seconds]) of the 9-call plan."""
 
     name = "tvm-int"
 
     def __init__(self, qmodel: QuantizedModel | str | Path, library: str | os.PathLike, threads: int | None = None,
-                 chunk: int = 32, profile: bool = False, layer_kernel: bool = True):
+                 chunk: int = 32, profile: bool = False, layer_kernel: bool = True, huge_pages: bool = True):
         if not isinstance(qmodel, QuantizedModel):
             qmodel = load_quantized(qmodel, lazy=True)    # tensors read on use: prepare copies each once
         self.qmodel, self.qc = qmodel, qmodel.qconfig
         IntTransformer(qmodel, "integer")                  # refuses weight-only schemes with a clear error
         self.profile = {} if profile else None
         self.layer_kernel = layer_kernel and not profile
+        self.huge_pages = huge_pages
         super().__init__(qmodel.config, None, library, threads, chunk)
 
     def _fn(self, name: str):
@@ -290,7 +292,7 @@ class TvmIntBackend(TvmBackend):
             [(("token_embd",), 8)] + ([(("output",), 8)] if "output.q" in t else [])
         size = sum(int(np.prod(h[0])) * np.dtype(h[1]).itemsize + 64 for ns, _ in parts for n in ns
                    for h in [tensor_header(t, n + x) for x in (".q", ".scale") if n + x in t])
-        self._arena = HugePageArena(size)          # the codes and group scales every decode token streams
+        self._arena = HugePageArena(size) if self.huge_pages else None   # the weights every decode token streams
         for ns, _ in parts:
             self._codes[ns], v = read_stacked(t, ns, ".q", self._arena)
             views.update(v)
