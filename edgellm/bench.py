@@ -113,7 +113,7 @@ class _EdgeEngine:
         prof = cProfile.Profile()
         t = time.perf_counter()
         prof.enable()
-        r = self._generate(ids + [tok], gen)       # KV reused: gen single-token forward passes
+        self._generate(ids + [tok], gen)           # KV reused: gen single-token forward passes
         prof.disable()
         wall = time.perf_counter() - t
         stats = pstats.Stats(prof).stats           # {(file, line, func): (prim calls, calls, tottime, cumtime, ..)}

@@ -73,8 +73,8 @@ tir = None             # tvm.tirx, imported by _tvm() (edgellm.compiler must imp
 def _tvm():
     global tir
     tvm = tvm_build._tvm()          # a clear error when the TVM compiler is missing
-    import tvm.tirx
-    tir = tvm.tirx
+    from tvm import tirx
+    tir = tirx
     return tvm
 
 
