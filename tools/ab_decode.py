@@ -3,9 +3,9 @@
 alternating rounds (A B A B ...) of a prompt then greedy decode steps, medians, the ratio, and whether both
 produced the same logits (they must: every option is the same integer arithmetic).
 
-    python tools/ab_decode.py --bundle smol.w4a8g32 --option layer_kernel [--threads 2] [--rounds 8]
+    python tools/ab_decode.py --bundle smol.w4a8g32 --option token_kernel [--threads 2] [--rounds 8]
 
-Options: layer_kernel (one launch per layer instead of 9 kernel calls), huge_pages (weights in a
+Options: token_kernel (one launch for all layers instead of 9 kernel calls per layer), huge_pages (weights in a
 transparent-huge-page arena instead of 4 KB pages).
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # this checkou
 
 from edgellm.runtime.tvm_int_backend import TvmIntBackend  # noqa: E402
 
-OPTIONS = ("layer_kernel", "huge_pages")
+OPTIONS = ("token_kernel", "huge_pages")
 
 
 def decode_tps(be: TvmIntBackend, ids: list[int], gen: int) -> tuple[float, np.ndarray]:

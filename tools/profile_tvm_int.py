@@ -7,8 +7,8 @@ kernel calls per token, and prefill / decode tok/s, optionally next to llama.cpp
                                     [--llama ~/.cache/edgellm/models/smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf]
 
 The library comes from edgellm.compiler.tvm_int.build_int_kernels. Profiling wraps every kernel call in a
-timer (a few microseconds each) and so times the 9-call plan of a layer (the decode layer kernel, one call per
-layer, cannot be split); tok/s is measured separately, without the wrappers and with the layer kernel. Timings mean little
+timer (a few microseconds each) and so times the 9-call plan of a layer (the decode token kernel, one call
+for all layers, cannot be split); tok/s is measured separately, without the wrappers and with the token kernel. Timings mean little
 on a loaded machine: the load average is printed next to every number.
 """
 from __future__ import annotations

@@ -955,8 +955,8 @@ def silu_quant_body(F: int, n, spmd: bool = False):
     rows split over threads; macro(gu, consts.., q, amax). T = 1 (decode): SILU_SLICES column slices, each
     with its partial amax (pm, int64 [1, SILU_SLICES], written and read by different threads, so memory all
     of them see), then the amax and each slice's int8 codes: serial in its own kernel (a parallel loop's wake-up
-    costs about its work), split over the threads inside the layer kernel (spmd, see phases: 8.7 -> ~5 us
-    per layer on the 2-core host); macro(gu, consts.., q, amax, pm). The exp constants must be those of
+    costs about its work), split over the threads inside the token kernel (spmd, see phases: 8.4 -> 6.2 us
+    standalone on the 2-core host, its own launch included); macro(gu, consts.., q, amax, pm). The exp constants must be those of
     f <= SCORE_F (the kernels assert it)."""
     from tvm.script import tirx as T_
     from .tvm_int_matmul import phases
@@ -1106,10 +1106,10 @@ def build_int_module(cfg: ModelConfig, qc: QuantConfig, tvm_target=None):
         for (r, c, b, T), n in names["mm"].items():
             funcs[n] = int_matmul_func(r, c, b, g[b], target, T)
         funcs[names["w4_layout"]] = _flags([lane_layout(r, c, b, g[b], target) for r, c, b, _ in names["mm"]])
-        from .tvm_int_layer import decode_layer_kernel
-        layer = decode_layer_kernel(cfg, qc, target)
-        if layer is not None:
-            funcs[names["layer_t1"]] = layer
+        from .tvm_int_token import decode_token_kernel
+        token = decode_token_kernel(cfg, qc, target)
+        if token is not None:
+            funcs[names["token_t1"]] = token
     else:
         funcs.update({names["norm"]: norm_kernel(cfg.dim),
                       names["rope_q"]: rope_kernel(cfg.n_heads, cfg.head_dim, cfg.rope_dim, cfg.rope_neox),

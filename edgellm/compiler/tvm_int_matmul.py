@@ -401,7 +401,7 @@ BARRIER = "pragma_parallel_barrier_when_finish"      # TVM codegen: all threads 
 def phases(spmd: bool):
     """(solo, barrier) of a kernel body (a T.macro): a serial part is written `for w in solo(2): if w == 0:`,
     and a phase is wrapped in `with T.attr(0, barrier, 1)`. Standalone: a plain loop and an inert attribute.
-    Inside one parallel launch (spmd: the decode layer kernel, edgellm.compiler.tvm_int_layer), solo is a
+    Inside one parallel launch (spmd: the decode token kernel, edgellm.compiler.tvm_int_token), solo is a
     parallel loop that gives iteration 0 to thread 0 alone (a one-iteration loop would be lowered away, and
     every thread would run the part), and each phase ends in a barrier of all threads: ~0.5 us against
     ~2 us for a launch of its own on the 2-core host."""

@@ -180,6 +180,14 @@ class Buffer:
         self.t = _runtime().from_dlpack(self.np)
         self._rows: dict[int, Buffer] = {}
 
+    def row_slice(self, start: int, stop: int) -> "Buffer":
+        """Rows start..stop-1, as a Buffer sharing this memory (the caller keeps them 64-byte aligned)."""
+        b = Buffer.__new__(Buffer)
+        b.np = self.np[start:stop]
+        b.t = _runtime().from_dlpack(b.np)
+        b._rows = {}
+        return b
+
     def rows(self, n: int) -> "Buffer":
         """The first n rows, as a Buffer sharing this memory (made once per n, then reused)."""
         if n == self.np.shape[0]:

@@ -53,7 +53,7 @@ def int_kernel_signature(cfg: ModelConfig, qc: QuantConfig) -> str:
 
 FUSED = {"qkv": ("attn_q", "attn_k", "attn_v"), "o": ("attn_output",), "gu": ("ffn_gate", "ffn_up"),
          "down": ("ffn_down",)}       # linears sharing an input: one matmul over their concatenated rows
-SILU_SLICES = 8                        # decode SiLU: column slices with a partial amax each (the layer kernel
+SILU_SLICES = 8                        # decode SiLU: column slices with a partial amax each (the token kernel
                                        # splits them over threads); the runtime passes that scratch in
 MAX_SHIFT = 20                         # as IntLinear.build: group scales of one row span at most 2^20
 
@@ -87,8 +87,8 @@ def int_kernel_names(cfg: ModelConfig, qc: QuantConfig) -> dict:
     fused kernels "norm_quant" (RMSNorm + int8), "res_norm_quant" (residual add + RMSNorm + int8),
     "qkv_post" (RoPE + int8 q; RoPE + int8 k and v at the cache scale written into the KV cache),
     "attention_q8" (attention + int8),
-    "silu_quant" (SiLU * up + int8); "_t1" names: the same for one row (decode, serial kernels); "layer_t1"
-    (only where the target has it: edgellm.compiler.tvm_int_layer) one decode token through a whole layer of
+    "silu_quant" (SiLU * up + int8); "_t1" names: the same for one row (decode, serial kernels); "token_t1"
+    (only where the target has it: edgellm.compiler.tvm_int_token) one decode token through every layer of
     all-w4 matmuls in one parallel launch. Generic path:
     "linear" maps (N, K, "w8" | "w4") -> name (the head is w8; mixed-precision w4 schemes also get w8 blocks); "quant" maps (groups, width, qmax) -> name;
     "static_quant" maps width -> name (act="static" only). Every kernel takes T rows (T symbolic unless
@@ -106,7 +106,7 @@ def int_kernel_names(cfg: ModelConfig, qc: QuantConfig) -> dict:
                 "qkv_post": f"int_qkv_post_kv_{qd}_{kvd}", "attention_q8": "int_attention_q8",
                 "attention_q8_t1": "int_attention_q8_t1",
                 "silu_quant": f"int_silu_quant_{cfg.ffn_dim}", "silu_quant_t1": f"int_silu_quant_{cfg.ffn_dim}_t1",
-                "layer_t1": "int_decode_layer"}
+                "token_t1": "int_decode_token"}
     kinds = {4: ("w4",) if qc.max_bpw is None else ("w4", "w8"), 8: ("w8",)}[qc.w_bits]
     linear = {(n, k, kind) for n, k in linear_shapes(cfg).values() for kind in kinds} | {(cfg.vocab_size, cfg.dim, "w8")}
     widths = {cfg.dim, qd, cfg.ffn_dim}
@@ -232,21 +232,21 @@ class TvmIntBackend(TvmBackend):
 
     Forward, chunking (prompts in chunks of up to `chunk` tokens), call validation, kernel lookup and the
     thread policy (`threads`, as llama.cpp's -t) are TvmBackend's; prepare, the cache and a chunk's pass are
-    integer. On the fast path a layer is 9 kernel calls (see _run_fast), and a decode token's layer one call
-    where the library has the decode layer kernel (`layer_kernel=False` keeps the 9); weights live in a
+    integer. On the fast path a layer is 9 kernel calls (see _run_fast), and a decode token's layers one call
+    where the library has the decode token kernel (`token_kernel=False` keeps the 9 per layer); weights live in a
     transparent-huge-page arena (`huge_pages=False`: numpy's pages); `profile=True` times every call
     (self.profile: name -> [calls, seconds]) of the 9-call plan."""
 
     name = "tvm-int"
 
     def __init__(self, qmodel: QuantizedModel | str | Path, library: str | os.PathLike, threads: int | None = None,
-                 chunk: int = 32, profile: bool = False, layer_kernel: bool = True, huge_pages: bool = True):
+                 chunk: int = 32, profile: bool = False, token_kernel: bool = True, huge_pages: bool = True):
         if not isinstance(qmodel, QuantizedModel):
             qmodel = load_quantized(qmodel, lazy=True)    # tensors read on use: prepare copies each once
         self.qmodel, self.qc = qmodel, qmodel.qconfig
         IntTransformer(qmodel, "integer")                  # refuses weight-only schemes with a clear error
         self.profile = {} if profile else None
-        self.layer_kernel = layer_kernel and not profile
+        self.token_kernel = token_kernel and not profile
         self.huge_pages = huge_pages
         super().__init__(qmodel.config, None, library, threads, chunk)
 
@@ -283,20 +283,50 @@ class TvmIntBackend(TvmBackend):
 
     def _read_codes(self) -> dict[str, np.ndarray]:
         """The fast path's weight codes read once, straight into kernel buffers (read_stacked): each fused
-        matmul's members row after row, and the int8 embedding table, which a tied head shares.
-        Returns each stored `.q` as a view of those buffers, for intref's constants."""
+        matmul's members row after row, and the int8 embedding table, which a tied head shares. A fused group
+        that is one matmul of the same width in every layer is read as one buffer for all layers (layer i's
+        rows at i * rows: what the decode token kernel takes), its w4 group scales likewise, and each layer
+        gets views of its rows. Returns each stored `.q` as a view of those buffers, for intref's constants."""
         c, qc, t = self.cfg, self.qc, self.qmodel.tensors
-        self._codes, views = {}, {}
-        groups = [[f"blk.{i}.{n}.weight" for n in members] for i in range(c.n_layers) for members in FUSED.values()]
-        parts = [p for g in groups for p in self._parts(g, [linear_bits(t, n, qc) for n in g])] + \
-            [(("token_embd",), 8)] + ([(("output",), 8)] if "output.q" in t else [])
-        size = sum(int(np.prod(h[0])) * np.dtype(h[1]).itemsize + 64 for ns, _ in parts for n in ns
+        self._codes, self._scales, self._stacked, self._stacked_bufs, views = {}, {}, {}, {}, {}
+        parts = []
+        for key, members in FUSED.items():
+            layers = [[f"blk.{i}.{n}.weight" for n in members] for i in range(c.n_layers)]
+            split = [self._parts(g, [linear_bits(t, n, qc) for n in g]) for g in layers]
+            if self.fast_token_layout(split, t):
+                self._stacked[key] = [s[0][0] for s in split]
+            else:
+                parts += [p for s in split for p in s]
+        parts += [(("token_embd",), 8)] + ([(("output",), 8)] if "output.q" in t else [])
+        names = [n for ns, _ in parts for n in ns] + [n for layer in self._stacked.values() for ns in layer for n in ns]
+        size = sum(int(np.prod(h[0])) * np.dtype(h[1]).itemsize + 64 for n in names
                    for h in [tensor_header(t, n + x) for x in (".q", ".scale") if n + x in t])
         self._arena = HugePageArena(size) if self.huge_pages else None   # the weights every decode token streams
+        for key, layers in self._stacked.items():
+            for suffix, out in ((".q", self._codes), (".scale", self._scales)):
+                if layers[0][0] + suffix in t:
+                    buf, v = read_stacked(t, [n for ns in layers for n in ns], suffix, self._arena)
+                    views.update(v)
+                    rows = len(buf.np) // len(layers)
+                    out.update({ns: buf.row_slice(i * rows, (i + 1) * rows) for i, ns in enumerate(layers)})
+                    self._stacked_bufs[(key, suffix)] = buf
         for ns, _ in parts:
             self._codes[ns], v = read_stacked(t, ns, ".q", self._arena)
             views.update(v)
         return views
+
+    def fast_token_layout(self, split: list, t) -> bool:
+        """Whether a fused group's parts over the layers (_parts of each) can be stacked for the token kernel:
+        the token kernel wanted, one matmul per layer, the same width, and every layer's rows starting on a
+        64-byte boundary (as the kernels assume)."""
+        if not (self.token_kernel and all(len(p) == 1 for p in split) and len({p[0][1] for p in split}) == 1):
+            return False
+        for suffix in (".q", ".scale"):
+            heads = [tensor_header(t, n + suffix) for n in split[0][0][0] if n + suffix in t]
+            if heads and (sum(h[0][0] for h in heads) * int(np.prod(heads[0][0][1:])) *
+                          np.dtype(heads[0][1]).itemsize) % 64:
+                return False
+        return True
 
     def prepare(self) -> None:
         """Take intref's calibrated constants, lay the weights out for the kernels, allocate activations."""
@@ -403,7 +433,8 @@ class TvmIntBackend(TvmBackend):
                 if (len(w[0].np), w[0].np.shape[1] * 2) in self._lanes:
                     to_lane_layout(w[0].np)
                 rowf = np.concatenate([matmul_scale(t, n, qc) for n in ns])
-                w += [read_stacked(t, ns, ".scale", self._arena)[0], int_buffer(rowf)]
+                scale = self._scales.get(ns) or read_stacked(t, ns, ".scale", self._arena)[0]
+                w += [scale, int_buffer(rowf)]
             m = np.concatenate([np.asarray(c[0], np.int64).reshape(-1) for c in cs])
             s = np.concatenate([np.asarray(c[1], np.int64).reshape(-1) for c in cs])
             pre = np.concatenate([np.full(np.size(c[0]), int(c[2]), np.int64) for c in cs])
@@ -421,10 +452,10 @@ class TvmIntBackend(TvmBackend):
         c, qc, t = self.cfg, self.qc, self.qmodel.tensors
         mm = {key: self._fn(n) for key, n in names["mm"].items()}
         self._lanes = self._lane_shapes(names)
-        self.layer_t1 = None
-        if self.layer_kernel:
+        self.token_t1 = None
+        if self.token_kernel and len(self._stacked) == len(FUSED):
             try:
-                self.layer_t1 = self.lib[names["layer_t1"]]
+                self.token_t1 = self.lib[names["token_t1"]]
             except Exception:  # noqa: BLE001 - not built for this target (or an older library): per-kernel plan
                 pass
         self.k = {key: self._fn(names[key]) for key in ("embed", "norm_quant", "res_norm_quant", "qkv_post",
@@ -436,6 +467,9 @@ class TvmIntBackend(TvmBackend):
                 layer[group] = self._matmuls(mm, ws, [L["c_" + n] for n in members], [linear_bits(t, w, qc) for w in ws])
         head = "output" if "output.q" in t else "token_embd"
         self.head = self._matmuls(mm, [head], [ref.c_head], [8])
+        self._token = self._token_weights() if self.token_t1 is not None else None
+        if self._token is None:
+            self.token_t1 = None
         qd, kvd, D, Fd = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.dim, c.ffn_dim
         i64, i8 = np.int64, np.int8
         spec = {"tok": (None, None, i64), "x": (None, D, i64), "x2": (None, D, i64), "o": (None, D, i64),
@@ -448,6 +482,28 @@ class TvmIntBackend(TvmBackend):
         spec.update({f"part{r}": (None, r, i64) for L in self.layers for g in FUSED
                      for r in ([p["cols"][1] - p["cols"][0] for p in L[g]["parts"]] if len(L[g]["parts"]) > 1 else [])})
         self._acts(spec)
+
+    def _token_weights(self) -> list | None:
+        """The token kernel's weight and constant arguments (TOKEN_ARGS after eps_q, before ao): each fused
+        matmul's stacked codes and scales, its 2^-base, m, s, pre of all layers in one buffer each (copies:
+        ~0.2 MB a layer for SmolLM2), and the per-layer constants as [n_layers, ...] arrays; None unless
+        every layer's matmuls are the lane-layout w4 kernels the token kernel runs."""
+        L = self.layers
+        if not all(self._lane_group(layer[g]) for layer in L for g in FUSED):
+            return None
+        cat = lambda arrays: int_buffer(np.concatenate(arrays))            # noqa: E731
+        stack = lambda key: cat([np.from_dlpack(layer[key])[None] for layer in L])  # noqa: E731
+        mm = {}
+        for g in FUSED:
+            keep = [layer[g]["parts"][0]["_keep"] for layer in L]
+            mm[g] = [self._stacked_bufs[(g, ".q")], self._stacked_bufs[(g, ".scale")]] + \
+                [cat([k[i].np for k in keep]) for i in (2, 3, 4, 5)]
+        g_next = cat([np.from_dlpack(layer["g1"])[None] for layer in L[1:]] + [np.from_dlpack(self.g_out)[None]])
+        bufs = [*mm["qkv"], stack("vm"), stack("vsh"), stack("om"), stack("osh"),
+                int_buffer(np.array([layer["sc"] for layer in L], np.int64)), *mm["o"], stack("g2"), *mm["gu"],
+                int_buffer(np.array([layer["silu"] for layer in L], np.int64)), *mm["down"], g_next]
+        self._token_keep = bufs
+        return [b.t for b in bufs]
 
     def _rope(self, n_ctx: int):
         if n_ctx > self._rope_n:
@@ -471,7 +527,7 @@ class TvmIntBackend(TvmBackend):
         return (self._run_fast if self.fast else self._run_generic)(tokens, pos, kv, logits)
 
     def _lane_group(self, grp: dict) -> bool:
-        """Whether a fused group is one w4 matmul over lane-layout codes (what the decode layer kernel takes)."""
+        """Whether a fused group is one w4 matmul over lane-layout codes (what the decode token kernel takes)."""
         parts = grp["parts"]
         return len(parts) == 1 and len(parts[0]["w"]) == 3 and tuple(parts[0]["_keep"][0].np.shape) in {
             (r, c // 2) for r, c in self._lanes}
@@ -498,7 +554,7 @@ class TvmIntBackend(TvmBackend):
         is a loop over a list. Per layer: q|k|v matmul, qkv_post (which also writes the new int8 k / v rows
         into the cache), attention_q8, o matmul, res_norm_quant, gate|up matmul, silu_quant, down matmul,
         res_norm_quant (the next layer's attention norm, or the output norm); then the head on all rows or the
-        last one. One row uses the "_t1" decode kernels."""
+        last one. One row uses the "_t1" decode kernels, or the token kernel for all layers where it runs."""
         import weakref
         cos, sin = self._rope(kv.n_ctx)
         key = (T, logits)
@@ -514,16 +570,12 @@ class TvmIntBackend(TvmBackend):
         mm = lambda grp, src, amax, out, rows=T: self._mm_steps(grp, src, amax, out, rows)  # noqa: E731
         plan = [[K["embed"], [self.emb["table"], a["tok"].t, self.emb["m"], self.emb["sh"], x], -1],
                 [K["norm_quant"], [x, self.layers[0]["g1"], eps, h8, ha], -1]]
-        for i, L in enumerate(self.layers):
-            if T == 1 and self.layer_t1 is not None and all(self._lane_group(L[g]) for g in FUSED):
-                g = self.layers[i + 1]["g1"] if i + 1 < n else self.g_out
-                w = {k: [*L[k]["parts"][0]["w"], *L[k]["parts"][0]["c"]] for k in FUSED}
-                plan.append([self.layer_t1, [x, x2, o, h8, ha, *(a[k].t for k in ("qkv", "q8", "qa", "a8", "aa", "gu",
-                                                                                   "f8", "fa")),
-                                             cos, sin, 0, kv.tk, kv.tka, kv.tv, i, eps, *w["qkv"], L["vm"], L["vsh"],
-                                             L["om"], L["osh"], *L["sc"], *w["o"], L["g2"], *w["gu"], *L["silu"],
-                                             *w["down"], g, a["ao"].t, a["pm"].t], 15])
-                continue
+        token = T == 1 and self.token_t1 is not None
+        if token:                                           # every layer in one call (TOKEN_ARGS)
+            acts = [a[k].t for k in ("x", "x2", "o", "h8", "ha", "qkv", "q8", "qa", "a8", "aa", "gu", "f8", "fa")]
+            plan.append([self.token_t1, [*acts, cos, sin, 0, kv.tk, kv.tka, kv.tv, eps, *self._token, a["ao"].t,
+                                         a["pm"].t], 15])
+        for i, L in enumerate([] if token else self.layers):
             plan += mm(L["qkv"], a["h8"], a["ha"], a["qkv"])
             plan += [[K["qkv_post"], [a["qkv"].t, cos, sin, 0, L["vm"], L["vsh"], kv.tk, kv.tka, kv.tv, i,
                                       a["q8"].t, a["qa"].t], 3],     # new k / v rows straight into the cache
