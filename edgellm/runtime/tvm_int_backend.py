@@ -289,6 +289,7 @@ class TvmIntBackend(TvmBackend):
         gets views of its rows. Returns each stored `.q` as a view of those buffers, for intref's constants."""
         c, qc, t = self.cfg, self.qc, self.qmodel.tensors
         self._codes, self._scales, self._stacked, self._stacked_bufs, views = {}, {}, {}, {}, {}
+        self._slot: dict[tuple, tuple] = {}           # a stacked part -> (group, its rows in the stacked buffers)
         parts = []
         for key, members in FUSED.items():
             layers = [[f"blk.{i}.{n}.weight" for n in members] for i in range(c.n_layers)]
@@ -310,6 +311,10 @@ class TvmIntBackend(TvmBackend):
                     rows = len(buf.np) // len(layers)
                     out.update({ns: buf.row_slice(i * rows, (i + 1) * rows) for i, ns in enumerate(layers)})
                     self._stacked_bufs[(key, suffix)] = buf
+            rows = sum(tensor_header(t, n + ".q")[0][0] for n in layers[0])
+            for const, dtype in (("rowf", np.float64), ("m", np.int64), ("s", np.int64), ("pre", np.int64)):
+                self._stacked_bufs[(key, const)] = int_buffer((len(layers) * rows,), dtype, fill=False)
+            self._slot.update({ns: (key, i * rows, (i + 1) * rows) for i, ns in enumerate(layers)})
         for ns, _ in parts:
             self._codes[ns], v = read_stacked(t, ns, ".q", self._arena)
             views.update(v)
@@ -320,6 +325,8 @@ class TvmIntBackend(TvmBackend):
         the token kernel wanted, one matmul per layer, the same width, and every layer's rows starting on a
         64-byte boundary (as the kernels assume)."""
         if not (self.token_kernel and all(len(p) == 1 for p in split) and len({p[0][1] for p in split}) == 1):
+            return False
+        if sum(tensor_header(t, n + ".q")[0][0] for n in split[0][0][0]) % 8:     # int64 / float64 per row
             return False
         for suffix in (".q", ".scale"):
             heads = [tensor_header(t, n + suffix) for n in split[0][0][0] if n + suffix in t]
@@ -434,13 +441,13 @@ class TvmIntBackend(TvmBackend):
                     to_lane_layout(w[0].np)
                 rowf = np.concatenate([matmul_scale(t, n, qc) for n in ns])
                 scale = self._scales.get(ns) or read_stacked(t, ns, ".scale", self._arena)[0]
-                w += [scale, int_buffer(rowf)]
+                w += [scale, self._row_consts(ns, "rowf", rowf)]
             m = np.concatenate([np.asarray(c[0], np.int64).reshape(-1) for c in cs])
             s = np.concatenate([np.asarray(c[1], np.int64).reshape(-1) for c in cs])
             pre = np.concatenate([np.full(np.size(c[0]), int(c[2]), np.int64) for c in cs])
             rows = len(m)
             K = w[0].np.shape[1] * (2 if b == 4 else 1)
-            keep = w + [int_buffer(a) for a in (m, s, pre)]
+            keep = w + [self._row_consts(ns, k, a) for k, a in (("m", m), ("s", s), ("pre", pre))]
             out.append({"fn1": mm[(rows, K, b, 1)], "fnT": mm[(rows, K, b, None)], "w": [k.t for k in keep[:-3]],
                         "c": [k.t for k in keep[-3:]],
                         "cols": (col, col + rows), "_keep": keep})
@@ -483,21 +490,27 @@ class TvmIntBackend(TvmBackend):
                      for r in ([p["cols"][1] - p["cols"][0] for p in L[g]["parts"]] if len(L[g]["parts"]) > 1 else [])})
         self._acts(spec)
 
+    def _row_consts(self, ns: tuple, const: str, values: np.ndarray) -> Buffer:
+        """A part's per-row constants: its rows of the stacked buffer (_read_codes) where it has some, else a
+        buffer of their own."""
+        if ns not in self._slot:
+            return int_buffer(values)
+        key, r0, r1 = self._slot[ns]
+        view = self._stacked_bufs[(key, const)].row_slice(r0, r1)
+        view.np[...] = values
+        return view
+
     def _token_weights(self) -> list | None:
         """The token kernel's weight and constant arguments (TOKEN_ARGS after eps_q, before ao): each fused
-        matmul's stacked codes and scales, its 2^-base, m, s, pre of all layers in one buffer each (copies:
-        ~0.2 MB a layer for SmolLM2), and the per-layer constants as [n_layers, ...] arrays; None unless
-        every layer's matmuls are the lane-layout w4 kernels the token kernel runs."""
+        matmul's codes, scales, 2^-base, m, s, pre, every one stacked over the layers (_read_codes, _row_consts),
+        and the per-layer constants as [n_layers, ...] arrays; None unless every layer's matmuls are the
+        lane-layout w4 kernels the token kernel runs."""
         L = self.layers
         if not all(self._lane_group(layer[g]) for layer in L for g in FUSED):
             return None
         cat = lambda arrays: int_buffer(np.concatenate(arrays))            # noqa: E731
         stack = lambda key: cat([np.from_dlpack(layer[key])[None] for layer in L])  # noqa: E731
-        mm = {}
-        for g in FUSED:
-            keep = [layer[g]["parts"][0]["_keep"] for layer in L]
-            mm[g] = [self._stacked_bufs[(g, ".q")], self._stacked_bufs[(g, ".scale")]] + \
-                [cat([k[i].np for k in keep]) for i in (2, 3, 4, 5)]
+        mm = {g: [self._stacked_bufs[(g, k)] for k in (".q", ".scale", "rowf", "m", "s", "pre")] for g in FUSED}
         g_next = cat([np.from_dlpack(layer["g1"])[None] for layer in L[1:]] + [np.from_dlpack(self.g_out)[None]])
         bufs = [*mm["qkv"], stack("vm"), stack("vsh"), stack("om"), stack("osh"),
                 int_buffer(np.array([layer["sc"] for layer in L], np.int64)), *mm["o"], stack("g2"), *mm["gu"],
