@@ -410,63 +410,59 @@ def qkv_post_body(cfg: ModelConfig, q_bits: int, n, spmd: bool = False):
     and int8 codes in LANES-wide vector loops (quant_lanes) when the head width allows. A T.macro over
     rows n (see phases for spmd)."""
     from tvm.script import tirx as T_
-    from .tvm_int_matmul import phases
+    from .tvm_int_matmul import solo_phase
     H, KVH, d, rd, neox = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.rope_dim, cfg.rope_neox
     qd, kvd, V = H * d, KVH * d, LANES
     qmax = (1 << (q_bits - 1)) - 1
     qdt = "int8" if q_bits == 8 else "int16"
     V = V if d % V == 0 else 1
-    solo, bar = phases(spmd)
 
     @T_.macro
     def qkv(x, cos, sin, pos, vm, vsh, kc, kac, vc, layer, q8, qa):
         r = T_.alloc_buffer((qd + kvd,), I64)
         red = T_.alloc_buffer((V,), I64)
         top = T_.alloc_buffer((H + KVH,), I64)           # each head's amax, at least 1
-        with T_.attr(0, bar, 1):
-            for w in solo(2):
-                if w == 0:
-                    for t in range(n):
-                        for i in range(qd + kvd):
-                            r[i] = _rope_at(x, t, i, d, rd, neox, cos, sin, pos)
-                        for hh in range(H + KVH):
-                            for j in T_.vectorized(V):
-                                red[j] = T_.int64(0)
-                            for b in range(d // V):
-                                for j in T_.vectorized(V):
-                                    red[j] = T_.max(red[j], T_.abs(r[hh * d + b * V + j]))
-                            top[hh] = red[0]
-                            for j in range(1, V):
-                                top[hh] = T_.max(top[hh], red[j])
-                        for h in range(H):
-                            qa[t, h] = top[h]
-                            top[h] = T_.max(top[h], T_.int64(1))
-                            if top[h] < T_.int64(quant_lanes_max(qmax)):
-                                for b in range(d // V):
-                                    for j in T_.vectorized(V):
-                                        q8[t, h * d + b * V + j] = T_.Cast(qdt, quant_lanes(r[h * d + b * V + j], top[h], qmax))
-                            else:
-                                for c in range(d):
-                                    q8[t, h * d + c] = T_.Cast(qdt, round_div(T_.int64(qmax) * r[h * d + c], top[h]))
-                        for g in range(KVH):
-                            kac[layer, pos + t, g] = top[H + g]
-                            top[H + g] = T_.max(top[H + g], T_.int64(1))
-                            if top[H + g] < T_.int64(quant_lanes_max()):
-                                for b in range(d // V):
-                                    for j in T_.vectorized(V):
-                                        kc[layer, pos + t, g, b * V + j] = T_.Cast("int8", quant_lanes(r[qd + g * d + b * V + j],
-                                                                                                       top[H + g]))
-                            else:
-                                for c in range(d):
-                                    kc[layer, pos + t, g, c] = T_.Cast("int8", round_div(T_.int64(127) * r[qd + g * d + c],
-                                                                                          top[H + g]))
-                        for g in range(KVH):
-                            for b in range(d // V):
-                                for j in T_.vectorized(V):
-                                    vc[layer, pos + t, g, b * V + j] = T_.Cast("int8", T_.max(T_.min(rshift_round_lanes(
-                                        x[t, qd + kvd + g * d + b * V + j] * vm[g * d + b * V + j], vsh[g * d + b * V + j]),
-                                        T_.int64(127)), T_.int64(-127)))
-    return qkv
+        for t in range(n):
+            for i in range(qd + kvd):
+                r[i] = _rope_at(x, t, i, d, rd, neox, cos, sin, pos)
+            for hh in range(H + KVH):
+                for j in T_.vectorized(V):
+                    red[j] = T_.int64(0)
+                for b in range(d // V):
+                    for j in T_.vectorized(V):
+                        red[j] = T_.max(red[j], T_.abs(r[hh * d + b * V + j]))
+                top[hh] = red[0]
+                for j in range(1, V):
+                    top[hh] = T_.max(top[hh], red[j])
+            for h in range(H):
+                qa[t, h] = top[h]
+                top[h] = T_.max(top[h], T_.int64(1))
+                if top[h] < T_.int64(quant_lanes_max(qmax)):
+                    for b in range(d // V):
+                        for j in T_.vectorized(V):
+                            q8[t, h * d + b * V + j] = T_.Cast(qdt, quant_lanes(r[h * d + b * V + j], top[h], qmax))
+                else:
+                    for c in range(d):
+                        q8[t, h * d + c] = T_.Cast(qdt, round_div(T_.int64(qmax) * r[h * d + c], top[h]))
+            for g in range(KVH):
+                kac[layer, pos + t, g] = top[H + g]
+                top[H + g] = T_.max(top[H + g], T_.int64(1))
+                if top[H + g] < T_.int64(quant_lanes_max()):
+                    for b in range(d // V):
+                        for j in T_.vectorized(V):
+                            kc[layer, pos + t, g, b * V + j] = T_.Cast("int8", quant_lanes(r[qd + g * d + b * V + j],
+                                                                                           top[H + g]))
+                else:
+                    for c in range(d):
+                        kc[layer, pos + t, g, c] = T_.Cast("int8", round_div(T_.int64(127) * r[qd + g * d + c],
+                                                                              top[H + g]))
+            for g in range(KVH):
+                for b in range(d // V):
+                    for j in T_.vectorized(V):
+                        vc[layer, pos + t, g, b * V + j] = T_.Cast("int8", T_.max(T_.min(rshift_round_lanes(
+                            x[t, qd + kvd + g * d + b * V + j] * vm[g * d + b * V + j], vsh[g * d + b * V + j]),
+                            T_.int64(127)), T_.int64(-127)))
+    return solo_phase(qkv, spmd)
 
 
 def qkv_post_kernel(cfg: ModelConfig, q_bits: int):
@@ -651,10 +647,9 @@ def res_norm_quant_body(D: int, n, spmd: bool = False):
     gamma, and the int8 quantization (quant_lanes). A T.macro over rows n (see phases for spmd)."""
     from tvm import tirx
     from tvm.script import tirx as T_
-    from .tvm_int_matmul import phases
+    from .tvm_int_matmul import solo_phase
     V, lim, f64 = LANES, (1 << 31) - 1, "float64"
     assert D % V == 0, D
-    solo, bar = phases(spmd)
 
     def y_lanes(xo, t, i, den, inv, g):                  # round_div(xo << NORM_F, den) * g
         a = _i2f(xo[t, i]) * tirx.const(2.0 ** (NORM_F + 1), f64) + tirx.Cast(f64, den)
@@ -666,57 +661,54 @@ def res_norm_quant_body(D: int, n, spmd: bool = False):
         red = T_.alloc_buffer((V,), I64)
         st = T_.alloc_buffer((4,), I64)                  # amax, then r; mean square; isqrt; divisor
         inv = T_.alloc_buffer((1,), f64)
-        with T_.attr(0, bar, 1):
-            for w in solo(2):
-                if w == 0:
-                    for t in range(n):
-                        for j in T_.vectorized(V):
-                            red[j] = T_.int64(0)
-                        for b in range(D // V):
-                            for j in T_.vectorized(V):
-                                xo[t, b * V + j] = T_.max(T_.min(x[t, b * V + j] + o[t, b * V + j], T_.int64(lim)), T_.int64(-lim))
-                                red[j] = T_.max(red[j], T_.abs(xo[t, b * V + j]))
-                        st[0] = red[0]
-                        for j in range(1, V):
-                            st[0] = T_.max(st[0], red[j])
-                        st[0] = T_.max(bitlen(st[0]) - T_.int64(20), T_.int64(0))
-                        for j in T_.vectorized(V):
-                            red[j] = T_.int64(0)
-                        for b in range(D // V):
-                            for j in T_.vectorized(V):
-                                red[j] = red[j] + rshift_round_lanes(xo[t, b * V + j], st[0]) * rshift_round_lanes(
-                                    xo[t, b * V + j], st[0])
-                        st[1] = red[0]
-                        for j in range(1, V):
-                            st[1] = st[1] + red[j]
-                        st[1] = T_.floordiv(st[1], T_.int64(D)) + (eps_q >> T_.min(st[0] * T_.int64(2), T_.int64(63)))
-                        st[2] = T_.int64(1) << T_.floordiv(bitlen(st[1]) + T_.int64(1), T_.int64(2))
-                        for k in range(NEWTON_STEPS):
-                            st[2] = T_.min(st[2], (st[2] + T_.floordiv(st[1], T_.max(st[2], T_.int64(1)))) >> T_.int64(1))
-                        st[2] = T_.Select(st[1] > T_.int64(0), st[2], T_.int64(0))
-                        st[3] = T_.max(st[2], T_.int64(1)) << st[0]
-                        inv[0] = T_.float64(1) / T_.Cast(f64, st[3] * T_.int64(2))
-                        for b in range(D // V):
-                            for j in T_.vectorized(V):
-                                y[b * V + j] = y_lanes(xo, t, b * V + j, st[3], inv[0], g)
-                        for j in T_.vectorized(V):
-                            red[j] = T_.int64(0)
-                        for b in range(D // V):
-                            for j in T_.vectorized(V):
-                                red[j] = T_.max(red[j], T_.abs(y[b * V + j]))
-                        st[0] = red[0]
-                        for j in range(1, V):
-                            st[0] = T_.max(st[0], red[j])
-                        amax[t, 0] = st[0]
-                        st[0] = T_.max(st[0], T_.int64(1))
-                        if st[0] < T_.int64(quant_lanes_max()):
-                            for b in range(D // V):
-                                for j in T_.vectorized(V):
-                                    q[t, b * V + j] = T_.Cast("int8", quant_lanes(y[b * V + j], st[0]))
-                        else:
-                            for i in range(D):
-                                q[t, i] = T_.Cast("int8", round_div(T_.int64(127) * y[i], st[0]))
-    return res_norm
+        for t in range(n):
+            for j in T_.vectorized(V):
+                red[j] = T_.int64(0)
+            for b in range(D // V):
+                for j in T_.vectorized(V):
+                    xo[t, b * V + j] = T_.max(T_.min(x[t, b * V + j] + o[t, b * V + j], T_.int64(lim)), T_.int64(-lim))
+                    red[j] = T_.max(red[j], T_.abs(xo[t, b * V + j]))
+            st[0] = red[0]
+            for j in range(1, V):
+                st[0] = T_.max(st[0], red[j])
+            st[0] = T_.max(bitlen(st[0]) - T_.int64(20), T_.int64(0))
+            for j in T_.vectorized(V):
+                red[j] = T_.int64(0)
+            for b in range(D // V):
+                for j in T_.vectorized(V):
+                    red[j] = red[j] + rshift_round_lanes(xo[t, b * V + j], st[0]) * rshift_round_lanes(
+                        xo[t, b * V + j], st[0])
+            st[1] = red[0]
+            for j in range(1, V):
+                st[1] = st[1] + red[j]
+            st[1] = T_.floordiv(st[1], T_.int64(D)) + (eps_q >> T_.min(st[0] * T_.int64(2), T_.int64(63)))
+            st[2] = T_.int64(1) << T_.floordiv(bitlen(st[1]) + T_.int64(1), T_.int64(2))
+            for k in range(NEWTON_STEPS):
+                st[2] = T_.min(st[2], (st[2] + T_.floordiv(st[1], T_.max(st[2], T_.int64(1)))) >> T_.int64(1))
+            st[2] = T_.Select(st[1] > T_.int64(0), st[2], T_.int64(0))
+            st[3] = T_.max(st[2], T_.int64(1)) << st[0]
+            inv[0] = T_.float64(1) / T_.Cast(f64, st[3] * T_.int64(2))
+            for b in range(D // V):
+                for j in T_.vectorized(V):
+                    y[b * V + j] = y_lanes(xo, t, b * V + j, st[3], inv[0], g)
+            for j in T_.vectorized(V):
+                red[j] = T_.int64(0)
+            for b in range(D // V):
+                for j in T_.vectorized(V):
+                    red[j] = T_.max(red[j], T_.abs(y[b * V + j]))
+            st[0] = red[0]
+            for j in range(1, V):
+                st[0] = T_.max(st[0], red[j])
+            amax[t, 0] = st[0]
+            st[0] = T_.max(st[0], T_.int64(1))
+            if st[0] < T_.int64(quant_lanes_max()):
+                for b in range(D // V):
+                    for j in T_.vectorized(V):
+                        q[t, b * V + j] = T_.Cast("int8", quant_lanes(y[b * V + j], st[0]))
+            else:
+                for i in range(D):
+                    q[t, i] = T_.Cast("int8", round_div(T_.int64(127) * y[i], st[0]))
+    return solo_phase(res_norm, spmd)
 
 
 def res_norm_quant_kernel(D: int):
@@ -749,7 +741,7 @@ def attention_lanes_body(cfg: ModelConfig, prob_bits: int, q_bits: int, T: int |
     the generic kernel."""
     from tvm import tirx
     from tvm.script import tirx as T_
-    from .tvm_int_matmul import _hsum, _sum, phases, _tvm as _matmul_tvm
+    from .tvm_int_matmul import _hsum, _sum, phases, solo_phase, _tvm as _matmul_tvm
     _matmul_tvm()                                   # binds the vector helpers' tirx
     H, KVH, d, rep = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.n_rep
     HD, V, W = H * d, LANES, 16
@@ -758,7 +750,7 @@ def attention_lanes_body(cfg: ModelConfig, prob_bits: int, q_bits: int, T: int |
     q_ln2, q_b, q_c, _ = exp_consts(SCORE_F)
     P, BL = (1 << prob_bits) - 1, 256
     rows, heads = (T_.parallel, T_.serial) if T is None else (T_.serial, T_.parallel)
-    solo, bar = phases(spmd)
+    bar = phases(spmd)[1]
     i32, f64 = "int32", "float64"
 
     def dot(q8, kc, layer, t, h, l):
@@ -784,6 +776,29 @@ def attention_lanes_body(cfg: ModelConfig, prob_bits: int, q_bits: int, T: int |
         return q0 + _sel(r >= tot * _c(2), i32) - _sel(r < _c(0), i32)
 
     @T_.macro
+    def quantize(t, o, om, osh, red, st, out8, amax):       # the heads' outputs requantized, amax, int8
+        for j in T_.vectorized(V):
+            red[t, 0, j] = T_.int64(0)
+        for b in range(HD // V):
+            for j in T_.vectorized(V):
+                o[t, b * V + j] = rshift_round_lanes(o[t, b * V + j] * om[b * V + j], osh[b * V + j])
+                red[t, 0, j] = T_.max(red[t, 0, j], T_.abs(o[t, b * V + j]))
+        st[t, 0, 3] = red[t, 0, 0]
+        for j in range(1, V):
+            st[t, 0, 3] = T_.max(st[t, 0, 3], red[t, 0, j])
+        amax[t, 0] = st[t, 0, 3]
+        st[t, 0, 3] = T_.max(st[t, 0, 3], T_.int64(1))
+        if st[t, 0, 3] < T_.int64(quant_lanes_max()):
+            for b in range(HD // V):
+                for j in T_.vectorized(V):
+                    out8[t, b * V + j] = T_.Cast("int8", quant_lanes(o[t, b * V + j], st[t, 0, 3]))
+        else:
+            for i in range(HD):
+                out8[t, i] = T_.Cast("int8", round_div(T_.int64(127) * o[t, i], st[t, 0, 3]))
+
+    out = solo_phase(quantize, spmd)
+
+    @T_.macro
     def attn(q8, qa, kc, ka, vc, om, osh, layer, pos, sc_m, sc_s, out8, amax, o):
         n_ctx = kc.shape[1]
         acc = T_.alloc_buffer((n, KVH, rep, n_ctx + V), i32)    # per KV head: q . k of its query heads
@@ -796,85 +811,65 @@ def attention_lanes_body(cfg: ModelConfig, prob_bits: int, q_bits: int, T: int |
         red = T_.alloc_buffer((n, KVH, V), I64)
         st = T_.alloc_buffer((n, KVH, 4), I64)                  # sq, qa16, row max, row total
         inv = T_.alloc_buffer((n, KVH), f64)
-        with T_.attr(0, bar, 1):
-            for t in rows(n):
-                with T_.attr(0, bar, 1):
-                    for g in heads(KVH):
-                        for l in range(pos + t + 1):
-                            for r in T_.unroll(rep):
-                                acc[t, g, r, l] = dot(q8, kc, layer, t, g * rep + r, l)
-                        for l in range(pos + t + 1, (pos + t + V) // V * V):
-                            for r in T_.unroll(rep):
-                                acc[t, g, r, l] = 0
+        for t in rows(n):
+            with T_.attr(0, bar, 1):
+                for g in heads(KVH):
+                    for l in range(pos + t + 1):
+                        for r in T_.unroll(rep):
+                            acc[t, g, r, l] = dot(q8, kc, layer, t, g * rep + r, l)
+                    for l in range(pos + t + 1, (pos + t + V) // V * V):
+                        for r in T_.unroll(rep):
+                            acc[t, g, r, l] = 0
+                    for b in range((pos + t + V) // V):
+                        for j in T_.vectorized(V):
+                            ks[t, g, b * V + j] = T_.max(bitlen(ka[layer, T_.min(b * V + j, pos + t), g]) - T_.int64(16),
+                                                         T_.int64(0))
+                            kf[t, g, b * V + j] = rshift_round_lanes(ka[layer, T_.min(b * V + j, pos + t), g],
+                                                                     ks[t, g, b * V + j])
+                    for r in range(rep):
+                        st[t, g, 0] = T_.max(bitlen(qa[t, g * rep + r]) - T_.int64(16), T_.int64(0))
+                        st[t, g, 1] = rshift_round_lanes(qa[t, g * rep + r], st[t, g, 0])
+                        for j in T_.vectorized(V):
+                            red[t, g, j] = T_.int64(-(1 << 62))
                         for b in range((pos + t + V) // V):
                             for j in T_.vectorized(V):
-                                ks[t, g, b * V + j] = T_.max(bitlen(ka[layer, T_.min(b * V + j, pos + t), g]) - T_.int64(16),
-                                                             T_.int64(0))
-                                kf[t, g, b * V + j] = rshift_round_lanes(ka[layer, T_.min(b * V + j, pos + t), g],
-                                                                         ks[t, g, b * V + j])
-                        for r in range(rep):
-                            st[t, g, 0] = T_.max(bitlen(qa[t, g * rep + r]) - T_.int64(16), T_.int64(0))
-                            st[t, g, 1] = rshift_round_lanes(qa[t, g * rep + r], st[t, g, 0])
-                            for j in T_.vectorized(V):
-                                red[t, g, j] = T_.int64(-(1 << 62))
-                            for b in range((pos + t + V) // V):
-                                for j in T_.vectorized(V):
-                                    sc[t, g, b * V + j] = score(acc, t, g, r, b * V + j, st[t, g, 1], st[t, g, 0], kf, ks,
-                                                                sc_m, sc_s)
-                                    red[t, g, j] = T_.max(red[t, g, j], T_.Select(b * V + j <= pos + t, sc[t, g, b * V + j],
-                                                                                  T_.int64(-(1 << 62))))
-                            st[t, g, 2] = red[t, g, 0]
-                            for j in range(1, V):
-                                st[t, g, 2] = T_.max(st[t, g, 2], red[t, g, j])
-                            for j in T_.vectorized(V):
-                                red[t, g, j] = T_.int64(0)
-                            for b in range((pos + t + V) // V):
-                                for j in T_.vectorized(V):
-                                    e[t, g, b * V + j] = T_.Select(b * V + j <= pos + t, int_exp_lanes(
-                                        T_.Cast(i32, T_.min(st[t, g, 2] - sc[t, g, b * V + j], T_.int64(60 * q_ln2))),
-                                        T_.int32(q_ln2), T_.float32(1.0 / q_ln2), T_.int32(q_b), T_.int32(q_c)), T_.int32(0))
-                                    red[t, g, j] = red[t, g, j] + T_.Cast(I64, e[t, g, b * V + j])
-                            st[t, g, 3] = red[t, g, 0]
-                            for j in range(1, V):
-                                st[t, g, 3] = st[t, g, 3] + red[t, g, j]
-                            inv[t, g] = T_.float64(1) / T_.Cast(f64, st[t, g, 3] * T_.int64(2))
-                            if st[t, g, 3] < T_.int64(1 << 51):
-                                for b in range((pos + t + V) // V):
-                                    for j in T_.vectorized(V):
-                                        p32[t, g, b * V + j] = prob(e, t, g, b * V + j, st[t, g, 3], inv[t, g])
-                            else:
-                                for l in range(pos + t + 1):
-                                    p32[t, g, l] = T_.Cast(i32, round_div(T_.Cast(I64, e[t, g, l]) * T_.int64(P), st[t, g, 3]))
-                            for c in T_.vectorized(d):
-                                o[t, (g * rep + r) * d + c] = T_.int64(0)
-                            for lb in range((pos + t + BL) // BL):
-                                for c in T_.vectorized(d):
-                                    pv[t, g, c] = 0
-                                for l in T_.serial(lb * BL, T_.min(pos + t + 1, lb * BL + BL)):
-                                    for c in T_.vectorized(d):
-                                        pv[t, g, c] = pv[t, g, c] + p32[t, g, l] * T_.Cast(i32, vc[layer, l, g, c])
-                                for c in T_.vectorized(d):
-                                    o[t, (g * rep + r) * d + c] = o[t, (g * rep + r) * d + c] + T_.Cast(I64, pv[t, g, c])
-                for w in solo(2):
-                    if w == 0:
-                        for j in T_.vectorized(V):
-                            red[t, 0, j] = T_.int64(0)
-                        for b in range(HD // V):
-                            for j in T_.vectorized(V):
-                                o[t, b * V + j] = rshift_round_lanes(o[t, b * V + j] * om[b * V + j], osh[b * V + j])
-                                red[t, 0, j] = T_.max(red[t, 0, j], T_.abs(o[t, b * V + j]))
-                        st[t, 0, 3] = red[t, 0, 0]
+                                sc[t, g, b * V + j] = score(acc, t, g, r, b * V + j, st[t, g, 1], st[t, g, 0], kf, ks,
+                                                            sc_m, sc_s)
+                                red[t, g, j] = T_.max(red[t, g, j], T_.Select(b * V + j <= pos + t, sc[t, g, b * V + j],
+                                                                              T_.int64(-(1 << 62))))
+                        st[t, g, 2] = red[t, g, 0]
                         for j in range(1, V):
-                            st[t, 0, 3] = T_.max(st[t, 0, 3], red[t, 0, j])
-                        amax[t, 0] = st[t, 0, 3]
-                        st[t, 0, 3] = T_.max(st[t, 0, 3], T_.int64(1))
-                        if st[t, 0, 3] < T_.int64(quant_lanes_max()):
-                            for b in range(HD // V):
+                            st[t, g, 2] = T_.max(st[t, g, 2], red[t, g, j])
+                        for j in T_.vectorized(V):
+                            red[t, g, j] = T_.int64(0)
+                        for b in range((pos + t + V) // V):
+                            for j in T_.vectorized(V):
+                                e[t, g, b * V + j] = T_.Select(b * V + j <= pos + t, int_exp_lanes(
+                                    T_.Cast(i32, T_.min(st[t, g, 2] - sc[t, g, b * V + j], T_.int64(60 * q_ln2))),
+                                    T_.int32(q_ln2), T_.float32(1.0 / q_ln2), T_.int32(q_b), T_.int32(q_c)), T_.int32(0))
+                                red[t, g, j] = red[t, g, j] + T_.Cast(I64, e[t, g, b * V + j])
+                        st[t, g, 3] = red[t, g, 0]
+                        for j in range(1, V):
+                            st[t, g, 3] = st[t, g, 3] + red[t, g, j]
+                        inv[t, g] = T_.float64(1) / T_.Cast(f64, st[t, g, 3] * T_.int64(2))
+                        if st[t, g, 3] < T_.int64(1 << 51):
+                            for b in range((pos + t + V) // V):
                                 for j in T_.vectorized(V):
-                                    out8[t, b * V + j] = T_.Cast("int8", quant_lanes(o[t, b * V + j], st[t, 0, 3]))
+                                    p32[t, g, b * V + j] = prob(e, t, g, b * V + j, st[t, g, 3], inv[t, g])
                         else:
-                            for i in range(HD):
-                                out8[t, i] = T_.Cast("int8", round_div(T_.int64(127) * o[t, i], st[t, 0, 3]))
+                            for l in range(pos + t + 1):
+                                p32[t, g, l] = T_.Cast(i32, round_div(T_.Cast(I64, e[t, g, l]) * T_.int64(P), st[t, g, 3]))
+                        for c in T_.vectorized(d):
+                            o[t, (g * rep + r) * d + c] = T_.int64(0)
+                        for lb in range((pos + t + BL) // BL):
+                            for c in T_.vectorized(d):
+                                pv[t, g, c] = 0
+                            for l in T_.serial(lb * BL, T_.min(pos + t + 1, lb * BL + BL)):
+                                for c in T_.vectorized(d):
+                                    pv[t, g, c] = pv[t, g, c] + p32[t, g, l] * T_.Cast(i32, vc[layer, l, g, c])
+                            for c in T_.vectorized(d):
+                                o[t, (g * rep + r) * d + c] = o[t, (g * rep + r) * d + c] + T_.Cast(I64, pv[t, g, c])
+            out(t, o, om, osh, red, st, out8, amax)
     return attn
 
 
@@ -956,13 +951,12 @@ def silu_quant_body(F: int, n, spmd: bool = False):
     with its partial amax (pm, int64 [1, SILU_SLICES], written and read by different threads, so memory all
     of them see), then the amax and each slice's int8 codes: serial in its own kernel (a parallel loop's wake-up
     costs about its work), split over the threads inside the token kernel (spmd, see phases: 8.4 -> 6.2 us
-    standalone on the 2-core host, its own launch included); macro(gu, consts.., q, amax, pm). The exp constants must be those of
-    f <= SCORE_F (the kernels assert it)."""
+    standalone on the 2-core host, its own launch included); macro(gu, consts.., q, amax, pm). The exp
+    constants must be those of f <= SCORE_F (the kernels assert it)."""
     from tvm.script import tirx as T_
     from .tvm_int_matmul import phases
     V = LANES
     assert F % V == 0, F
-    solo, bar = phases(spmd)
 
     def quant(h, t, i, top):
         return T_.Cast("int8", quant_lanes(h[t, i], top))
@@ -970,7 +964,7 @@ def silu_quant_body(F: int, n, spmd: bool = False):
     if isinstance(n, int):
         S = SILU_SLICES if F % (SILU_SLICES * V) == 0 else 1
         W = F // S
-        split = T_.parallel if spmd else T_.serial
+        split, bar = phases(spmd)
 
         @T_.macro
         def silu1(gu, fshift, q_ln2, q_b, q_c, one, shift_h, q, amax, pm):

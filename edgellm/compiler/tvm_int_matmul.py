@@ -399,14 +399,29 @@ BARRIER = "pragma_parallel_barrier_when_finish"      # TVM codegen: all threads 
 
 
 def phases(spmd: bool):
-    """(solo, barrier) of a kernel body (a T.macro): a serial part is written `for w in solo(2): if w == 0:`,
-    and a phase is wrapped in `with T.attr(0, barrier, 1)`. Standalone: a plain loop and an inert attribute.
-    Inside one parallel launch (spmd: the decode token kernel, edgellm.compiler.tvm_int_token), solo is a
-    parallel loop that gives iteration 0 to thread 0 alone (a one-iteration loop would be lowered away, and
-    every thread would run the part), and each phase ends in a barrier of all threads: ~0.5 us against
-    ~2 us for a launch of its own on the 2-core host."""
+    """(split, barrier) of a kernel body (a T.macro) whose parallel phases are wrapped in
+    `with T.attr(0, barrier, 1)`. Standalone: a serial loop and an inert attribute. Inside one parallel launch
+    (spmd: the decode token kernel, edgellm.compiler.tvm_int_token): a parallel loop, split over its threads,
+    and a barrier of all threads after the phase: ~0.5 us against ~2 us for a launch of its own on the 2-core
+    host."""
     from tvm.script import tirx as T_
     return (T_.parallel, BARRIER) if spmd else (T_.serial, "edgellm_phase")
+
+
+def solo_phase(body, spmd: bool):
+    """T.macro `body` as a serial phase: standalone, simply run; inside one parallel launch (spmd), run by
+    thread 0 alone (a parallel loop of 2 whose iteration 0 does it: a one-iteration loop would be lowered
+    away, and every thread would run the body), then a barrier of all threads."""
+    from tvm.script import tirx as T_
+    split, bar = phases(spmd)
+
+    @T_.macro
+    def run(*args):
+        with T_.attr(0, bar, 1):
+            for w in split(2):
+                if w == 0:
+                    body(*args)
+    return run
 
 
 def _w4_lanes_body(k: Isa, rows: int, cols: int, n, native: bool, T, spmd: bool = False):

@@ -294,7 +294,7 @@ class TvmIntBackend(TvmBackend):
         for key, members in FUSED.items():
             layers = [[f"blk.{i}.{n}.weight" for n in members] for i in range(c.n_layers)]
             split = [self._parts(g, [linear_bits(t, n, qc) for n in g]) for g in layers]
-            if self.fast_token_layout(split, t):
+            if self._stackable(split, t):
                 self._stacked[key] = [s[0][0] for s in split]
             else:
                 parts += [p for s in split for p in s]
@@ -304,14 +304,13 @@ class TvmIntBackend(TvmBackend):
                    for h in [tensor_header(t, n + x) for x in (".q", ".scale") if n + x in t])
         self._arena = HugePageArena(size) if self.huge_pages else None   # the weights every decode token streams
         for key, layers in self._stacked.items():
+            rows = sum(tensor_header(t, n + ".q")[0][0] for n in layers[0])
             for suffix, out in ((".q", self._codes), (".scale", self._scales)):
                 if layers[0][0] + suffix in t:
                     buf, v = read_stacked(t, [n for ns in layers for n in ns], suffix, self._arena)
                     views.update(v)
-                    rows = len(buf.np) // len(layers)
                     out.update({ns: buf.row_slice(i * rows, (i + 1) * rows) for i, ns in enumerate(layers)})
                     self._stacked_bufs[(key, suffix)] = buf
-            rows = sum(tensor_header(t, n + ".q")[0][0] for n in layers[0])
             for const, dtype in (("rowf", np.float64), ("m", np.int64), ("s", np.int64), ("pre", np.int64)):
                 self._stacked_bufs[(key, const)] = int_buffer((len(layers) * rows,), dtype, fill=False)
             self._slot.update({ns: (key, i * rows, (i + 1) * rows) for i, ns in enumerate(layers)})
@@ -320,7 +319,7 @@ class TvmIntBackend(TvmBackend):
             views.update(v)
         return views
 
-    def fast_token_layout(self, split: list, t) -> bool:
+    def _stackable(self, split: list, t) -> bool:
         """Whether a fused group's parts over the layers (_parts of each) can be stacked for the token kernel:
         the token kernel wanted, one matmul per layer, the same width, and every layer's rows starting on a
         64-byte boundary (as the kernels assume)."""
